@@ -1,0 +1,102 @@
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace qk {
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// The AVX-512 path uses F, BW, VL (byte shuffles and masks) and VNNI (vpdpbusd).
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+Isa initial_isa() {
+  const char* env = std::getenv("QUANTKERNELS_ISA");
+  if (env == nullptr || *env == '\0') return best_isa();
+  Isa isa;
+  if (!parse_isa(env, &isa))
+    throw std::invalid_argument(std::string("QUANTKERNELS_ISA: got '") + env +
+                                "', expected one of portable, avx2, avx512");
+  if (!isa_supported(isa))
+    throw std::invalid_argument(std::string("QUANTKERNELS_ISA: got '") + env + "', which this CPU does not support");
+  return isa;
+}
+
+std::atomic<int>& active_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_isa())};
+  return slot;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::portable: return "portable";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+bool parse_isa(const char* name, Isa* out) {
+  for (Isa isa : {Isa::portable, Isa::avx2, Isa::avx512}) {
+    if (std::strcmp(name, isa_name(isa)) == 0) {
+      *out = isa;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::portable: return true;
+    case Isa::avx2: return cpu_has_avx2();
+    case Isa::avx512: return cpu_has_avx512();
+  }
+  return false;
+}
+
+Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  return Isa::portable;
+}
+
+Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
+
+bool set_active_isa(Isa isa) {
+  if (!isa_supported(isa)) return false;
+  active_slot().store(static_cast<int>(isa), std::memory_order_relaxed);
+  return true;
+}
+
+const LinearKernels& kernels(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return avx512_kernels();
+    case Isa::avx2: return avx2_kernels();
+    case Isa::portable: break;
+  }
+  return portable_kernels();
+}
+
+}  // namespace qk

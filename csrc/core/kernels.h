@@ -1,0 +1,45 @@
+// The optimized linear kernels behind one table per instruction set, chosen once at run time.
+// Torch-free: callers pass raw pointers and the range of output rows [n_begin, n_end) this call computes,
+// so that the binding can split N over its thread pool.
+#pragma once
+
+#include <cstdint>
+
+#include "formats.h"
+
+namespace qk {
+
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+
+struct LinearKernels {
+  const char* name;
+  // y[r][n] = sum_k x[r][k] * W[n][k] + bias[n] for r < m, n_begin <= n < n_end.
+  // x: float [m][w.k], dense. y: float [m][w.n]. bias: float [w.n] or nullptr.
+  void (*linear_f32)(const WeightView& w, const float* x, int64_t m, const float* bias, float* y,
+                     int64_t n_begin, int64_t n_end);
+  // The same with int8 activations: xq [m][w.k_pad] (zero past w.k), x_scale [m] from quantize_rows.
+  // A row whose x_scale is not finite produces NaN.
+  void (*linear_a8)(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias,
+                    float* y, int64_t n_begin, int64_t n_end);
+  // Dynamic per-row int8 quantization of x [m][k] into xq [m][k_pad] and x_scale [m] (see formats.h).
+  void (*quantize_rows)(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* x_scale);
+};
+
+const char* isa_name(Isa isa);
+// Parses "portable", "avx2" or "avx512"; returns false on anything else.
+bool parse_isa(const char* name, Isa* out);
+bool isa_supported(Isa isa);
+Isa best_isa();
+// QUANTKERNELS_ISA if set (it must name a supported ISA), else best_isa(); overridable by set_active_isa.
+Isa active_isa();
+// Returns false (and changes nothing) if the machine lacks `isa`.
+bool set_active_isa(Isa isa);
+const LinearKernels& kernels(Isa isa);
+inline const LinearKernels& active_kernels() { return kernels(active_isa()); }
+
+// Per-ISA tables, each defined in its own translation unit.
+const LinearKernels& portable_kernels();
+const LinearKernels& avx2_kernels();
+const LinearKernels& avx512_kernels();
+
+}  // namespace qk

@@ -1,0 +1,34 @@
+"""quantkernels: int8/int4 quantized linear and conv2d kernels for PyTorch.
+
+``import quantkernels`` registers the ``torch.ops.quant`` ops with their CPU kernels. The Triton (CUDA)
+kernels are registered only where CUDA is available and Triton is installed; nothing here queries a GPU or
+imports Triton otherwise.
+"""
+
+from . import ops
+from .formats import FORMAT_VERSION, GROUP_SIZES, QuantizedWeight, quantize_weight
+from .ops import active_isa, conv2d, linear, set_isa, supported_isas
+
+
+def _register_gpu_kernels() -> None:
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        from .triton import register  # noqa: F401
+
+
+_register_gpu_kernels()
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GROUP_SIZES",
+    "QuantizedWeight",
+    "quantize_weight",
+    "linear",
+    "conv2d",
+    "active_isa",
+    "supported_isas",
+    "set_isa",
+]
