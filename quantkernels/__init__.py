@@ -6,7 +6,9 @@ imports Triton otherwise.
 """
 
 from . import ops
+from .config import QuantConfig
 from .formats import FORMAT_VERSION, GROUP_SIZES, QuantizedWeight, quantize_weight
+from .nn import load_quantized, save_quantized, swap_to_quantized
 from .ops import active_isa, conv2d, linear, set_isa, supported_isas
 
 
@@ -26,6 +28,10 @@ __all__ = [
     "GROUP_SIZES",
     "QuantizedWeight",
     "quantize_weight",
+    "QuantConfig",
+    "swap_to_quantized",
+    "save_quantized",
+    "load_quantized",
     "linear",
     "conv2d",
     "active_isa",
