@@ -43,6 +43,16 @@ def test_matches_reference(isa, bits, group_size, symmetric, act_int8, m, n, k, 
     check(bits, act_int8, x, qw, bias)
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric", WEIGHTS)
+@pytest.mark.parametrize("m", [128, 130])
+def test_int8_activations_tall_inputs(isa, bits, group_size, symmetric, m, rng):
+    """Batches the SIMD int8-activation kernels block over M (6 or 4 rows a tile) with N (70: not a multiple of
+    the 16- or 32-column panels) and K (1100: over two 512-element K blocks) ragged."""
+    x = torch.randn(m, 1100, generator=rng)
+    qw = quantize_weight(torch.randn(70, 1100, generator=rng), bits=bits, group_size=group_size, symmetric=symmetric)
+    check(bits, True, x, qw, torch.randn(70, generator=rng))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, True), (4, 128, False)])
 @pytest.mark.parametrize("act_int8", [False, True])

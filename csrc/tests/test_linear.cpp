@@ -174,6 +174,80 @@ void check_linear(qk::Isa isa, std::mt19937& rng, int bits, bool symmetric, int6
           kern.name, bits, symmetric, (long)m, (long)n, (long)k, (long)group_size, (long)i, got[i], want[i]);
 }
 
+// Integer exactness of linear_a8: with unit scales every partial sum is an integer below 2^24, so the float output
+// must equal the exact integer sum of (code - zero) * xq. Codes and zero points are drawn uniformly (int8 codes
+// include -128, int4 pad columns hold codes other than the zero point), activations over -127..127.
+void check_integer_sums(qk::Isa isa, std::mt19937& rng, int bits, bool symmetric, int64_t m, int64_t n, int64_t k,
+                        int64_t group_size) {
+  const auto& kern = qk::kernels(isa);
+  qk::WeightView v;
+  v.bits = bits;
+  v.n = n;
+  v.k = k;
+  v.group_len = qk::group_len_for(bits, k, group_size);
+  v.k_pad = qk::padded_k(bits, k, group_size);
+  std::vector<uint8_t> qdata(n * v.row_bytes()), zero(symmetric ? 0 : n * v.n_groups());
+  std::vector<float> scale(n * v.n_groups(), 1.0f);
+  for (auto& byte : qdata) byte = static_cast<uint8_t>(rng());
+  for (auto& z : zero) z = static_cast<uint8_t>(rng() % 16);
+  v.qdata = qdata.data();
+  v.scale = scale.data();
+  v.zero_point = symmetric ? nullptr : zero.data();
+  std::vector<int8_t> xq(m * v.k_pad, 0);
+  std::uniform_int_distribution<int> act(-127, 127);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) xq[r * v.k_pad + i] = static_cast<int8_t>(act(rng));
+  std::vector<float> ones(m, 1.0f), got(m * n, std::numeric_limits<float>::quiet_NaN());
+  kern.linear_a8(v, xq.data(), ones.data(), m, nullptr, got.data(), 0, n);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      int64_t want = 0;
+      for (int64_t i = 0; i < k; ++i) want += (v.code(c, i) - v.zero(c, i / v.group_len)) * xq[r * v.k_pad + i];
+      CHECK(got[r * n + c] == static_cast<float>(want), "%s integer sum bits=%d sym=%d m=%ld n=%ld k=%ld g=%ld (%ld, %ld): %.1f vs %ld",
+            kern.name, bits, symmetric, (long)m, (long)n, (long)k, (long)group_size, (long)r, (long)c, got[r * n + c],
+            (long)want);
+    }
+}
+
+// quantize_rows on rows built to hit the edges: ties (x / s exactly half-way), signed zeros, subnormals, the
+// largest floats, NaN and +-Inf in the middle and at the tail of a row. Scales must match bit for bit.
+void check_quantize_special_rows(qk::Isa isa) {
+  const auto& kern = qk::kernels(isa);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const float tiny = std::numeric_limits<float>::denorm_min(), big = std::numeric_limits<float>::max();
+  const int64_t k = 37, k_pad = 64;
+  std::vector<std::vector<float>> rows;
+  auto base = [&] {
+    std::vector<float> row(k);
+    for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(i % 9) - 4.5f;  // ties once scaled by 127 / 127
+    row[3] = 127.0f;                                                             // scale exactly 1
+    return row;
+  };
+  rows.push_back(base());
+  rows.push_back(std::vector<float>(k, 0.0f));
+  rows.push_back(std::vector<float>(k, -0.0f));
+  rows.push_back(std::vector<float>(k, tiny));
+  rows.push_back(std::vector<float>(k, -big));
+  for (float special : {nan, inf, -inf})
+    for (int64_t at : {int64_t{5}, k - 1}) {
+      rows.push_back(base());
+      rows.back()[at] = special;
+    }
+  const int64_t m = static_cast<int64_t>(rows.size());
+  std::vector<float> x;
+  for (const auto& row : rows) x.insert(x.end(), row.begin(), row.end());
+  std::vector<int8_t> xq(m * k_pad, 77), want(k_pad);
+  std::vector<float> xs(m);
+  kern.quantize_rows(x.data(), m, k, k_pad, xq.data(), xs.data());
+  for (int64_t r = 0; r < m; ++r) {
+    const float s = qk::ref::quantize_activation_row(x.data() + r * k, k, k_pad, want.data());
+    CHECK(std::memcmp(&s, &xs[r], sizeof(float)) == 0, "%s quantize special row %ld: scale %g vs %g", kern.name,
+          (long)r, xs[r], s);
+    CHECK(std::memcmp(want.data(), xq.data() + r * k_pad, k_pad) == 0, "%s quantize special row %ld: codes differ",
+          kern.name, (long)r);
+  }
+}
+
 }  // namespace
 
 // The float16 decoder against the definition, for every bit pattern.
@@ -227,8 +301,15 @@ int main() {
               check_linear(isa, rng, bits, symmetric, m, 20, 300, g, true, t);
           // More rows than one staging pass holds (K > 2048 allows fewer than 33 staged rows).
           check_linear(isa, rng, bits, symmetric, 33, 5, 2500, g, false);
+          // Tall inputs (a second row chunk of the a8 kernels past 256 rows), K over several 512-element blocks.
+          check_linear(isa, rng, bits, symmetric, 130, 21, 1100, g, true);
+          check_linear(isa, rng, bits, symmetric, 270, 5, 200, g, false);
+          for (int64_t m : {1, 7, 130})
+            for (auto nk : {std::pair<int64_t, int64_t>{1, 1}, {45, 7}, {33, 100}, {19, 515}, {5, 1000}})
+              check_integer_sums(isa, rng, bits, symmetric, m, nk.first, nk.second, g);
         }
       }
+    check_quantize_special_rows(isa);
     std::printf("%s: checked\n", qk::isa_name(isa));
   }
   return TEST_MAIN_RESULT("test_linear");
