@@ -3,10 +3,9 @@
 Plain Python (no Triton import), so the configurations can be listed and compiled ahead of time anywhere.
 
 Every kernel keeps a K-tile inside one scale group, so that it can contract integer codes exactly and multiply
-by the group's scale once per tile (see ``dequant.load_weight_tile``): the effective ``block_k`` is the
-configured one, lowered to ``group_len`` for grouped weights (group sizes and block sizes are both powers of
-two, so a lowered tile still divides the group). Per-channel weights are one group per row and keep the
-configured ``block_k`` (so does any weight whose rows are a single group).
+by the group's scale once per tile (see ``dequant.load_weight_tile``): the effective ``block_k`` is lowered to
+``group_len`` for grouped weights (group sizes and block sizes are both powers of two, so a lowered tile still
+divides the group). Per-channel weights are one group per row and keep the configured ``block_k``.
 
 Sizes are for the tensor-core GPUs Triton targets (A100: 108 SMs, 164 KB shared memory per block; H100:
 132 SMs, 227 KB), derived in the comments beside each configuration.
@@ -22,7 +21,7 @@ from ..formats import GROUP_SIZES
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """One launch configuration of a tiled kernel (linear or conv2d)."""
+    """One launch configuration of a tiled kernel (linear or conv2d); block_k is for 16-bit activations."""
 
     block_m: int
     block_n: int
@@ -38,14 +37,21 @@ class TileConfig:
             if value & (value - 1):
                 raise ValueError(f"{name}: got {value}, expected a power of two")
 
-    def with_group(self, group_len: int, single_group: bool) -> "TileConfig":
-        """The configuration a weight with this group length runs with (block_k kept inside one group)."""
-        if single_group:
-            return self
-        return dataclasses.replace(self, block_k=min(self.block_k, group_len))
+    def specialize(self, group_len: int, single_group: bool, activation_bytes: int) -> "TileConfig":
+        """The configuration one call runs with.
+
+        float32 activations halve block_k: the x tile keeps its bytes, and their tf32x3 products (three MMAs
+        on split operands, see ``tiles.contract``) need the registers; at full block_k ptxas spills on sm_80.
+        Then block_k is lowered to the group length so that a tile stays inside one scale group.
+        """
+        block_k = self.block_k // 2 if activation_bytes == 4 else self.block_k
+        if not single_group:
+            block_k = min(block_k, group_len)
+        return dataclasses.replace(self, block_k=block_k)
 
 
 # Linear: (largest M, config), smallest first. M is the number of rows of x after flattening the batch dims.
+# Every configuration compiles without register spills on sm_80 and sm_90 (python_tests/test_triton_compile.py).
 LINEAR_CONFIGS = (
     # M = 1, GEMV: one row, contracted with FMAs (a tensor-core tile would be 15/16 padding). A 32 x 128 int4
     # tile is 2 KB of packed weight per iteration: 16 B (one vector load) per thread at 4 warps.
@@ -53,18 +59,20 @@ LINEAR_CONFIGS = (
     # M = 2..16, skinny: still weight-bound, but FMAs would cost 16x the M=1 work, so rows are padded to the
     # 16-row minimum of an MMA. 64 x 128 int4 is 4 KB of weight per iteration; x adds 16 x 128 x 2 B = 4 KB.
     (16, TileConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=True)),
-    # M = 17..64: one 64-row MMA tile covers M; per stage 64x64 x (fp16) 8 KB + 128x32 B packed W = 12 KB.
-    (64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)),
-    # M > 64, GEMM: 128 x 128 tiles (8 warps, 64 fp32 accumulators per thread); per stage x 16 KB (fp16) or
-    # 32 KB (fp32) + packed W 4 KB, 3 stages: <= 108 KB, inside both GPUs' shared memory.
-    (math.inf, TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    # M = 17..64: one 64-row MMA tile covers M. Each K tile's MMA result is scaled into a second float32
+    # accumulator (exact group scales), so accumulators cost 2 x 64 x 64 / 128 threads = 64 registers.
+    (64, TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)),
+    # M > 64, GEMM: 128 x 64 tiles at 8 warps, again 64 accumulator registers per thread; 128 x 128 left
+    # under 10 registers of headroom and spilled on sm_80. Per stage x 16 KB + packed W 2 KB, 3 stages.
+    (math.inf, TileConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
 )
 
-# Conv2d (implicit GEMM, M = batch * out_h * out_w rows): the GEMM tiles without split-K, as K = C*kh*kw is
-# short and M is usually large.
+# Conv2d (implicit GEMM, M = batch * out_h * out_w rows): no split-K, as K = C*kh*kw is short and M usually
+# large. Gathering patches takes per-element addresses and masks (64-bit pointers: 2 registers each), so the
+# 64 x 64 tile runs 8 warps (32 elements per thread at 4 warps spilled).
 CONV2D_CONFIGS = (
     (16, TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)),
-    (64, TileConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)),
+    (64, TileConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)),
     (math.inf, TileConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
 )
 
@@ -91,5 +99,7 @@ def split_k(config: TileConfig, output_tiles: int, k_tiles: int) -> int:
 
 
 def shipped_block_ks(config: TileConfig) -> list:
-    """Every block_k this configuration can run with (the configured one and the group sizes below it)."""
-    return sorted({config.block_k} | {g for g in GROUP_SIZES if g < config.block_k})
+    """Every block_k this configuration can run with: the configured one, its float32 half, and the group
+    sizes below them."""
+    largest = (config.block_k, config.block_k // 2)
+    return sorted(set(largest) | {g for g in GROUP_SIZES if g < config.block_k})

@@ -70,7 +70,7 @@ def conv2d_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_
         patch = tl.load(x_rows[:, None] + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw,
                         mask=m_mask[:, None] & (offs_k[None, :] < k) & inside, other=0)
         q, w_scale = load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_groups,
-                                      group_len, BITS, BLOCK_K, x_ptr.dtype.element_ty)
+                                      group_len, BITS, BLOCK_K)
         acc += contract(patch, q).to(tl.float32) * w_scale[None, :]
 
     acc = finish_tile(acc, x_scale_ptr, image, m_mask, bias_ptr, offs_n, n_mask)
@@ -96,7 +96,6 @@ def plan_conv2d(bits, x, qweight, scale, zero_point, bias, kernel_size, stride, 
     zero_point = zero_point.contiguous() if zero_point is not None else None
     bias = bias.to(torch.float32).contiguous() if bias is not None else None
     m = batch * out_h * out_w
-    config = configs.pick(configs.CONV2D_CONFIGS, m).with_group(group_len, single_group=scale.shape[1] == 1)
 
     launches = []
     x_scale = None
@@ -106,9 +105,11 @@ def plan_conv2d(bits, x, qweight, scale, zero_point, bias, kernel_size, stride, 
             x = x.contiguous()
         xq = torch.empty_like(x, dtype=torch.int8)
         x_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
-        launches.append(quantize_rows(x, xq, x_scale, batch, x[0].numel(), x.stride(0), 1))
+        launches.append(quantize_rows(x, xq, x_scale, batch, math.prod(x.shape[1:]), x.stride(0), 1))
         x = xq
 
+    config = configs.pick(configs.CONV2D_CONFIGS, m).specialize(
+        group_len, single_group=scale.shape[1] == 1, activation_bytes=x.element_size())
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), groups)
     launches.append(Launch(
         conv2d_kernel, grid,

@@ -8,12 +8,12 @@ INT4_SYMMETRIC_ZERO: tl.constexpr = tl.constexpr(8)  # formats.INT4_SYMMETRIC_ZE
 
 @triton.jit
 def load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_groups, group_len,
-                     BITS: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+                     BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Weight rows ``offs_n`` [BLOCK_N], columns ``k0 .. k0 + BLOCK_K`` (k0 a multiple of BLOCK_K).
 
-    Returns ``(q, scale)``: ``q`` [BLOCK_N, BLOCK_K] holds ``code - zero_point`` in ``DTYPE`` (exact: at most
-    127 in magnitude, so exact in int8, float16, bfloat16 and float32) and ``scale`` [BLOCK_N] float32 is the
-    scale of the group holding the tile; ``W[n, k0 + j] = q[n, j] * scale[n]``. The caller keeps the tile
+    Returns ``(q, scale)``: ``q`` [BLOCK_N, BLOCK_K] int8 holds ``code - zero_point`` (at most 127 in
+    magnitude, so exact in every operand type ``tiles.contract`` converts it to) and ``scale`` [BLOCK_N]
+    float32 is the scale of the group holding the tile; ``W[n, k0 + j] = q[n, j] * scale[n]``. The caller keeps the tile
     inside one group (BLOCK_K divides group_len, or the weight is one group per row) and contracts ``q``
     before scaling, so dequantization adds no rounding: ``sum_k x*W = scale * sum_k x*(code - zero)``.
 
@@ -39,4 +39,4 @@ def load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_
         else:
             zero = tl.load(zero_ptr + offs_n * n_groups + group, mask=n_mask, other=0)
             q = codes - zero.to(tl.int8)[:, None]
-    return q.to(DTYPE), scale
+    return q.to(tl.int8), scale

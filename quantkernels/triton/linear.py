@@ -54,7 +54,7 @@ def linear_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k[None, :] < k), other=0)
         q, w_scale = load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_groups,
-                                      group_len, BITS, BLOCK_K, x_ptr.dtype.element_ty)
+                                      group_len, BITS, BLOCK_K)
         acc += contract(x, q).to(tl.float32) * w_scale[None, :]
 
     acc = finish_tile(acc, x_scale_ptr, offs_m, m_mask, bias_ptr, offs_n, n_mask)
@@ -88,7 +88,6 @@ def plan_linear(bits, act_int8, x, qweight, scale, zero_point, bias):
     qweight, scale = qweight.contiguous(), scale.contiguous()
     zero_point = zero_point.contiguous() if zero_point is not None else None
     bias = bias.to(torch.float32).contiguous() if bias is not None else None
-    config = configs.pick(configs.LINEAR_CONFIGS, m).with_group(group_len, single_group=scale.shape[1] == 1)
 
     launches = []
     x_scale = None
@@ -98,6 +97,8 @@ def plan_linear(bits, act_int8, x, qweight, scale, zero_point, bias):
         launches.append(quantize_rows(x2, xq, x_scale, m, k, x2.stride(0), x2.stride(1)))
         x2 = xq
 
+    config = configs.pick(configs.LINEAR_CONFIGS, m).specialize(
+        group_len, single_group=scale.shape[1] == 1, activation_bytes=x2.element_size())
     output_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     k_tiles = triton.cdiv(k, config.block_k)
     tiles_per_split = triton.cdiv(k_tiles, configs.split_k(config, output_tiles, k_tiles))

@@ -6,23 +6,32 @@ import triton.language as tl
 
 @triton.jit
 def contract(x, q):
-    """``x`` [BLOCK_M, BLOCK_K] times ``q`` [BLOCK_N, BLOCK_K] transposed -> [BLOCK_M, BLOCK_N].
+    """``x`` [BLOCK_M, BLOCK_K] times int8 ``q`` [BLOCK_N, BLOCK_K] transposed -> [BLOCK_M, BLOCK_N].
 
-    int8 operands (dynamic int8 activations) give exact int32 sums, float operands float32 sums. A single row
-    is a GEMV: FMAs and a reduction, since a tensor-core tile has at least 16 rows. Otherwise ``tl.dot``:
-    float16/bfloat16 MMAs multiply exactly and accumulate in float32; float32 activations use three TF32 MMAs
-    per product ("tf32x3": the integer ``q`` is exact in TF32 and the split of ``x`` leaves a 2^-22 relative
-    error), which stays inside the float32 tolerance where one TF32 MMA (2^-11) would not.
+    int8 ``x`` (dynamic int8 activations) gives exact int32 sums, float ``x`` float32 sums. A single row is a
+    GEMV: FMAs and a reduction, since a tensor-core tile has at least 16 rows. Otherwise ``tl.dot`` with ``q``
+    converted to x's type (exact, |q| <= 127): float16/bfloat16 MMAs multiply exactly and accumulate in
+    float32; float32 activations use three TF32 MMAs per product ("tf32x3": ``q`` is exact in TF32 and the
+    split of ``x`` leaves a 2^-22 relative error), inside the float32 tolerance where one TF32 MMA (2^-11)
+    is not.
     """
+    # One return at the end: Triton types every return statement, even past a compile-time branch.
     if x.dtype == tl.int8:
         if x.shape[0] == 1:
-            return tl.sum(x.to(tl.int32) * q.to(tl.int32), axis=1)[None, :]
-        return tl.dot(x, tl.trans(q), out_dtype=tl.int32)
-    if x.shape[0] == 1:
-        return tl.sum(x.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
-    if x.dtype == tl.float32:
-        return tl.dot(x, tl.trans(q), input_precision="tf32x3")
-    return tl.dot(x, tl.trans(q))
+            product = tl.sum(x.to(tl.int32) * q.to(tl.int32), axis=1)[None, :]
+        else:
+            product = tl.dot(x, tl.trans(q), out_dtype=tl.int32)
+    elif x.shape[0] == 1:
+        product = tl.sum(x.to(tl.float32) * q.to(tl.float32), axis=1)[None, :]
+    elif x.dtype == tl.float32:
+        product = tl.dot(x, tl.trans(q.to(tl.float32)), input_precision="tf32x3")
+    elif x.dtype == tl.bfloat16:
+        # Through float32, the conversions sm_80 emits anyway (it has no integer-to-bfloat16 cvt; sm_90 pays
+        # one extra cvt): Triton 3.9's interpreter gets the direct cast wrong, and this way it runs the same.
+        product = tl.dot(x, tl.trans(q.to(tl.float32).to(tl.bfloat16)))
+    else:
+        product = tl.dot(x, tl.trans(q.to(x.dtype)))
+    return product
 
 
 @triton.jit
