@@ -104,7 +104,7 @@ WEIGHTS = [(8, None, True), (8, 64, True), (4, None, True), (4, None, False), (4
 # One shape per kernel family (M = 1 GEMV, 2..16 skinny, 17..64, > 64 GEMM with M over two row tiles); N and K
 # are not multiples of any block; K = 1000 at M = 1 splits K over several programs. The GEMM shape is slow
 # to interpret, so it runs one weight of each kind.
-SHAPES = [(1, 33, 100), (1, 20, 1000), (7, 40, 300), (40, 24, 200)]
+SHAPES = [(1, 1, 1), (1, 33, 100), (1, 20, 1000), (7, 40, 300), (40, 24, 200)]
 GEMM_SHAPE = (130, 20, 96)
 
 
@@ -161,6 +161,11 @@ def test_linear_empty_batch(act_int8):
     assert out.shape == (0, 20)
 
 
+# NaN and Inf inputs on purpose: numpy, running the interpreted kernels, warns about them.
+NONFINITE_INPUTS = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@NONFINITE_INPUTS
 @pytest.mark.parametrize("act_int8", [False, True])
 @pytest.mark.parametrize("m", [3, 20])
 def test_linear_nan_propagates_per_row(act_int8, m, rng):
@@ -181,6 +186,7 @@ def test_linear_rejects_bad_input_like_the_cpu_kernel(case):
     assert message in str(info.value)
 
 
+@NONFINITE_INPUTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_quantized_activation_integers_match_the_reference(dtype, rng):
     x = torch.randn(6, 300, generator=rng).to(dtype)
