@@ -107,10 +107,10 @@ def _compile(index):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    description, kernel, args, num_warps, num_stages, arch = _JOBS[index]
+    description, kernel, args, num_warps, arch = _JOBS[index]
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    kwargs = dict(args, num_warps=num_warps, num_stages=num_stages)
+    kwargs = dict(args, num_warps=num_warps)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
@@ -128,7 +128,6 @@ def _compile(index):
         "arch": arch,
         "tile": {name: value for name, value in args.items() if name.isupper()},
         "num_warps": num_warps,
-        "num_stages": num_stages,
         "has_cubin": bool(compiled.asm.get("cubin")),
         "mma": sorted(set(re.findall(r"\b(mma\.sync\.aligned\.\S+|wgmma\.mma_async\.\S+?)\s", compiled.asm["ptx"]))),
         "shared_bytes": compiled.metadata.shared,
@@ -140,14 +139,14 @@ def _compile(index):
 def compile_all() -> list:
     seen = set()
     for description, launch in planned_launches():
-        key = (launch.kernel.__name__, launch.num_warps, launch.num_stages,
+        key = (launch.kernel.__name__, launch.num_warps,
                tuple(sorted((k, str(v.dtype) if hasattr(v, "dtype") else repr(v)) for k, v in launch.args.items()
                             if k.isupper() or hasattr(v, "dtype") or v is None)))
         if key in seen:
             continue
         seen.add(key)
         for arch in ARCHS:
-            _JOBS.append((description, launch.kernel, launch.args, launch.num_warps, launch.num_stages, arch))
+            _JOBS.append((description, launch.kernel, launch.args, launch.num_warps, arch))
     with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1), mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(_compile, range(len(_JOBS))))
 

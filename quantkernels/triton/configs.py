@@ -54,7 +54,8 @@ class TileConfig:
 # Every configuration compiles without register spills on sm_80 and sm_90 (python_tests/test_triton_compile.py).
 LINEAR_CONFIGS = (
     # M = 1, GEMV: one row, contracted with FMAs (a tensor-core tile would be 15/16 padding). A 32 x 128 int4
-    # tile is 2 KB of packed weight per iteration: 16 B (one vector load) per thread at 4 warps.
+    # tile is 2 KB of packed weight per iteration, 16 B per thread at 4 warps; 3 stages keep two more tiles
+    # in flight per program while one is reduced, ~2 MB across 512 programs: HBM latency x bandwidth.
     (1, TileConfig(block_m=1, block_n=32, block_k=128, num_warps=4, num_stages=3, split_k=True)),
     # M = 2..16, skinny: still weight-bound, but FMAs would cost 16x the M=1 work, so rows are padded to the
     # 16-row minimum of an MMA. 64 x 128 int4 is 4 KB of weight per iteration; x adds 16 x 128 x 2 B = 4 KB.

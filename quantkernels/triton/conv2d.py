@@ -24,7 +24,7 @@ def conv2d_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_
                   stride_xb, stride_xc, stride_xh, stride_xw, stride_wn, n_groups, group_len,
                   stride_ob, stride_oc, stride_oh, stride_ow,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+                  GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """One output tile of conv group ``program_id(1)`` as a GEMM over rows ``(image, oh, ow)`` (m of them)
     and columns ``(c, r, s)`` (k = channels * kernel_area, the stored weight's flattening order):
 
@@ -59,7 +59,7 @@ def conv2d_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_
         bias_ptr += group * n
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    for k0 in tl.range(0, k, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         c = offs_k // kernel_area
         r = (offs_k % kernel_area) // kernel_w
@@ -121,8 +121,8 @@ def plan_conv2d(bits, x, qweight, scale, zero_point, bias, kernel_size, stride, 
              stride_xw=x.stride(3), stride_wn=qweight.stride(0), n_groups=scale.shape[1], group_len=group_len,
              stride_ob=out.stride(0), stride_oc=out.stride(1), stride_oh=out.stride(2), stride_ow=out.stride(3),
              BITS=bits, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-             GROUP_M=config.group_m),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+             GROUP_M=config.group_m, NUM_STAGES=config.num_stages),
+        num_warps=config.num_warps,
     ))
     return out, launches
 

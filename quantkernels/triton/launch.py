@@ -13,13 +13,10 @@ class Launch:
     kernel: object  # a @triton.jit function
     grid: tuple
     args: dict  # every kernel argument by name, constexprs included
-    num_warps: int
-    num_stages: int = 1
+    num_warps: int  # (software pipelining depth is a constexpr of the kernels that loop over K)
 
     def __call__(self) -> None:
         # wrap_triton: under torch.compile the launch becomes a graph node Inductor compiles with the graph;
         # eagerly (wrap_triton disabled by the registered kernel) it is the plain Triton launch.
-        torch.library.wrap_triton(self.kernel)[self.grid](
-            **self.args, num_warps=self.num_warps, num_stages=self.num_stages
-        )
+        torch.library.wrap_triton(self.kernel)[self.grid](**self.args, num_warps=self.num_warps)
 

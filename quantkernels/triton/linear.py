@@ -31,7 +31,7 @@ def linear_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_
                   m, n, k, stride_xm, stride_xk, stride_wn, n_groups, group_len,
                   stride_out_split, stride_om, stride_on, k_tiles_per_split,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+                  GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """``out[split] = (x[m, K range] @ W[n, K range]^T) * x_scale[m] + bias[n]`` for one output tile.
 
     x: [m, k] float16/bfloat16/float32, or int8 codes with float32 ``x_scale`` [m] (else None).
@@ -50,7 +50,9 @@ def linear_kernel(x_ptr, x_scale_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_
     k_begin = split * k_tiles_per_split * BLOCK_K
     k_end = tl.minimum(k, k_begin + k_tiles_per_split * BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    # Loads run NUM_STAGES - 1 tiles ahead (cp.async into shared memory); the loop-level setting pipelines
+    # the FMA GEMV too, which the kernel-level num_stages leaves alone (it has no tl.dot).
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k[None, :] < k), other=0)
         q, w_scale = load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_groups,
@@ -112,8 +114,8 @@ def plan_linear(bits, act_int8, x, qweight, scale, zero_point, bias):
              stride_xk=x2.stride(1), stride_wn=qweight.stride(0), n_groups=scale.shape[1], group_len=group_len,
              stride_out_split=partial.stride(0), stride_om=partial.stride(1), stride_on=partial.stride(2),
              k_tiles_per_split=tiles_per_split, BITS=bits, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-             BLOCK_K=config.block_k, GROUP_M=config.group_m),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+             BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_STAGES=config.num_stages),
+        num_warps=config.num_warps,
     ))
     if splits > 1:
         launches.append(Launch(
