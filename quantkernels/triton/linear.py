@@ -2,7 +2,7 @@
 
 * M = 1, GEMV: 1 x 32 output tiles contracted with FMAs; K split over several programs.
 * M = 2..16, skinny: 16 x 64 tiles on tensor cores (rows padded to the MMA's 16); K split likewise.
-* M > 16, GEMM: 64 or 128 x 128 tiles on tensor cores, whole K per program, tiles visited in L2-friendly bands.
+* M > 16, GEMM: 64 x 64 or 128 x 64 tiles on tensor cores, whole K per program, visited in L2-friendly bands.
 
 Split-K is atomic-free and deterministic: each program writes its float32 partial tile to a
 ``[splits, M, N]`` buffer and a second kernel sums the splits in a fixed order, adds the bias and casts. At
