@@ -101,9 +101,9 @@ def tolerance_scale(dtype) -> float:
 # Every group size, symmetric and asymmetric; per-channel int8 K is not a power of two.
 WEIGHTS = [(8, None, True), (8, 64, True), (4, None, True), (4, None, False), (4, 32, False), (4, 64, True),
            (4, 128, False), (4, 256, True)]
-# One shape per kernel family (M = 1 GEMV, 2..16 skinny, 17..64, > 64 GEMM with M over two row tiles); N and K
-# are not multiples of any block; K = 1000 at M = 1 splits K over several programs. The GEMM shape is slow
-# to interpret, so it runs one weight of each kind.
+# The smallest problem, then one shape per kernel family (M = 1 GEMV, 2..16 skinny, 17..64, > 64 GEMM with M
+# over two row tiles); N and K are not multiples of any block; K = 1000 at M = 1 splits K over several
+# programs. The GEMM shape is slow to interpret, so it runs one weight of each kind.
 SHAPES = [(1, 1, 1), (1, 33, 100), (1, 20, 1000), (7, 40, 300), (40, 24, 200)]
 GEMM_SHAPE = (130, 20, 96)
 
@@ -121,7 +121,10 @@ def test_linear_matches_reference(bits, group_size, symmetric, act_int8, m, n, k
 @pytest.mark.parametrize("act_int8", [False, True])
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (4, 128, True)])
 def test_linear_gemm_matches_reference(bits, group_size, symmetric, act_int8, rng):
-    test_linear_matches_reference(bits, group_size, symmetric, act_int8, *GEMM_SHAPE, rng)
+    m, n, k = GEMM_SHAPE
+    x = torch.randn(m, k, generator=rng)
+    qw = quantize_weight(torch.randn(n, k, generator=rng), bits=bits, group_size=group_size, symmetric=symmetric)
+    check_linear(bits, act_int8, x, qw, torch.randn(n, generator=rng) if bits == 4 else None)
 
 
 def test_shapes_cover_every_family_and_split_k():

@@ -7,7 +7,8 @@ tensor-core MMAs (``mma.sync`` on sm_80, ``wgmma`` or ``mma.sync`` on sm_90), sh
 and ptxas reports no register spills.
 
 Compilation runs in a subprocess without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` builds
-interpreted functions, which cannot be compiled), with a fresh Triton cache so that ptxas really runs.
+interpreted functions, which cannot be compiled), with a fresh Triton cache so that ptxas really runs. The
+specialization reuses two Triton 3.9 internals (the launcher's binder and ``JITFunction._pack_args``).
 """
 
 from __future__ import annotations
