@@ -34,7 +34,8 @@ class Run:
             self.by_group[b["group"]][b["extra_info"]["impl"]] = b
 
     def kinds(self):
-        return list(dict.fromkeys(b["extra_info"].get("kind", "other") for b in self.benchmarks))
+        present = dict.fromkeys(b["extra_info"].get("kind", "other") for b in self.benchmarks)
+        return [k for k in KIND_TITLES if k in present] + [k for k in present if k not in KIND_TITLES]
 
     def of_kind(self, kind):
         return [b for b in self.benchmarks if b["extra_info"].get("kind", "other") == kind]
@@ -181,6 +182,7 @@ def plot(run: Run, path: pathlib.Path) -> bool:
     import matplotlib.pyplot as plt
 
     shapes = list(dict.fromkeys(b["extra_info"]["shape"] for b in benches))
+    ms = sorted({b["extra_info"]["M"] for b in benches})
     impls = list(dict.fromkeys(b["extra_info"]["impl"] for b in benches if b["extra_info"]["ours"]))
     colors = {impl: plt.cm.tab10(i) for i, impl in enumerate(impls)}
     fig, axes = plt.subplots(2, len(shapes), figsize=(max(4.2 * len(shapes), 10), 8), squeeze=False, sharex=True)
@@ -207,8 +209,9 @@ def plot(run: Run, path: pathlib.Path) -> bool:
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}×"))
+            ax.set_xticks(ms, [str(m) for m in ms])
+            ax.minorticks_off()
             ax.grid(True, which="major", alpha=0.3)
             if row == 0:
                 ax.set_title(f"N×K = {shape}")
@@ -217,10 +220,10 @@ def plot(run: Run, path: pathlib.Path) -> bool:
         axes[0][0].set_ylabel(f"speedup over {LINEAR_FLOAT_BASELINE}")
         axes[1][0].set_ylabel("speedup over the fastest torch kernel")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
     cpu = run.facts.get("cpu_model", "")
     fig.suptitle(f"quantkernels linear speedup — {cpu}, {run.facts.get('torch_threads', '?')} threads")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -42,15 +42,15 @@ class ConvShape:
         return 2 * batch * self.out_channels * self.out_size**2 * k
 
     def id(self) -> str:
-        return f"{self.name} {self.in_channels}->{self.out_channels} {self.kernel}x{self.kernel} @{self.size}"
+        return f"{self.name} {self.in_channels}->{self.out_channels} @{self.size}"
 
 
 def _resnet50_stage(stage: int, width: int, size: int):
     # A bottleneck block: 1x1 reduce (4*width -> width), 3x3 (width -> width), 1x1 expand (width -> 4*width).
     return (
-        ConvShape(f"resnet50 stage{stage} reduce", 4 * width, width, size, 1),
+        ConvShape(f"resnet50 stage{stage} 1x1 reduce", 4 * width, width, size, 1),
         ConvShape(f"resnet50 stage{stage} 3x3", width, width, size, 3),
-        ConvShape(f"resnet50 stage{stage} expand", width, 4 * width, size, 1),
+        ConvShape(f"resnet50 stage{stage} 1x1 expand", width, 4 * width, size, 1),
     )
 
 
@@ -61,9 +61,9 @@ CONV_SHAPES = (
     *_resnet50_stage(4, 512, 7),
     # MobileNetV2 inverted-residual blocks (expansion 6): depthwise 3x3 on the expanded channels, then the
     # pointwise projection back down.
-    ConvShape("mobilenetv2 depthwise", 144, 144, 56, 3, groups=144),
-    ConvShape("mobilenetv2 pointwise", 144, 24, 56, 1),
-    ConvShape("mobilenetv2 depthwise", 384, 384, 14, 3, groups=384),
-    ConvShape("mobilenetv2 pointwise", 384, 64, 14, 1),
+    ConvShape("mobilenetv2 depthwise 3x3", 144, 144, 56, 3, groups=144),
+    ConvShape("mobilenetv2 pointwise 1x1", 144, 24, 56, 1),
+    ConvShape("mobilenetv2 depthwise 3x3", 384, 384, 14, 3, groups=384),
+    ConvShape("mobilenetv2 pointwise 1x1", 384, 64, 14, 1),
 )
 CONV_BATCHES = (1, 8)

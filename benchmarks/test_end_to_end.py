@@ -10,8 +10,9 @@ Three models, each in fp32, bf16, torch.ao dynamic int8 (where it applies: model
 * ResNet-50 (bottleneck blocks 3-4-6-3, plain torch) on 224x224 images at batch 1 and 8.
 
 Each setting is built from a private copy of the float model; weight copies for cache rotation are deep
-copies of the built model, as for every benchmark (see conftest.py). ``weight_bytes`` counts the parameters
-and buffers a forward pass streams (embedding tables excluded: a forward reads only a few of their rows).
+copies of the built model (sharing embedding tables and tokenizers), as for every benchmark (see conftest.py).
+``weight_bytes`` counts the parameters and buffers a forward pass streams (embedding tables excluded: a forward
+reads only a few of their rows).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ SETTINGS = (
     Setting("ours w8a8", True, torch.float32, swapped(bits=8, activations="int8")),
     Setting("ours int4 g128", True, torch.float32, swapped(bits=4, group_size=128)),
 )
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy whose streamed weights live in new memory; embedding tables (a forward reads a few rows)
+    and tokenizers (not weights) stay shared, so a rotation's memory is what it streams."""
+    memo = {}
+    for module in model.modules():
+        shared = [module.weight] if isinstance(module, nn.Embedding) else []
+        shared += [module.tokenizer] if hasattr(module, "tokenizer") else []
+        memo.update((id(obj), obj) for obj in shared)
+    return copy.deepcopy(model, memo)
 
 
 def streamed_weight_bytes(model: nn.Module) -> int:
@@ -275,7 +287,7 @@ def test_end_to_end(bench, workload, setting):
         impl=setting.name,
         ours=setting.ours,
         make=lambda: setting.prepare(float_model),
-        copy=copy.deepcopy,
+        copy=copy_model,
         call=run,
         weight_bytes=streamed_weight_bytes,
         flops=workload.flops,
