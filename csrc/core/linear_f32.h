@@ -18,8 +18,9 @@ void linear_f32_avx512(const WeightView& w, const void* x, ActType x_type, int64
 // Converts an activation row x[0..k) to float32 into out[0..len), len a multiple of 16, zero past k; out is
 // 64-byte aligned. AVX-512, shared by the avx512 and amx kernels.
 void load_row_avx512(const void* x, ActType type, int64_t k, int64_t len, float* out);
-// The amx table's kernel: int4 weights whose groups hold whole 64-byte blocks run on AMX tiles; everything
-// else, and every call on a machine or OS without usable AMX, goes to linear_f32_avx512.
+// The amx table's kernel: int4 weights whose groups hold whole 64-byte blocks, with bfloat16 or float16 x of
+// enough rows, run on AMX tiles; everything else, and every call on a machine or OS without usable AMX, goes
+// to linear_f32_avx512.
 void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                     int64_t n_begin, int64_t n_end);
 // AMX-TILE and AMX-BF16 present and the tile state granted by the OS (asked for on the first call).
