@@ -234,14 +234,14 @@ void stage_b(const void* x, ActType type, int64_t m, int64_t k, const Plan& plan
 }
 
 // Decodes block b of `rows` weight rows into the four A tiles a_tiles[t][row][32 bf16].
-inline void decode_block(const WeightView& w, int64_t n0, int rows, int64_t b, int64_t group,
-                         const DecodeTables& tables, uint16_t* a_tiles) {
+inline void decode_block(const WeightView& w, int64_t n0, int rows, const RowGroups* groups, int64_t b,
+                         int64_t group, const DecodeTables& tables, uint16_t* a_tiles) {
   const int64_t row_bytes = w.row_bytes(), left = row_bytes - b * 64;
   const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;  // left >= 1: block b holds a column < k
   for (int r = 0; r < rows; ++r) {
     const uint8_t* q = static_cast<const uint8_t*>(w.qdata) + (n0 + r) * row_bytes + b * 64;
     const __m512i v = left >= 64 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8(mask, q);
-    const __m512i table = tables.get(w.zero(n0 + r, group));
+    const __m512i table = tables.get(groups[r].zero_of(group));
     for (int t = 0; t < kPhases; ++t) {
       const __m512i a = _mm512_permutexvar_epi16(t ? _mm512_srli_epi16(v, 4 * t) : v, table);
       _mm512_store_si512(a_tiles + (t * kTileRows + r) * 32, a);
@@ -268,11 +268,11 @@ inline void multiply_block(const uint16_t* a_tiles, const uint16_t* b_tiles, int
 
 // acc[row][column] += scale[row] * C tile C, and C restarts from zero.
 template <int C>
-inline void flush(const WeightView& w, int64_t n0, int rows, int64_t group, float* c_buffer, float* acc) {
+inline void flush(int rows, const RowGroups* groups, int64_t group, float* c_buffer, float* acc) {
   tile_store<C>(c_buffer, 64);
   tile_zero<C>();
   for (int r = 0; r < rows; ++r) {
-    const __m512 s = _mm512_set1_ps(w.scale[(n0 + r) * w.n_groups() + group]);
+    const __m512 s = _mm512_set1_ps(groups[r].scale[group]);
     _mm512_store_ps(acc + r * kMaxColumns, _mm512_fmadd_ps(_mm512_load_ps(c_buffer + r * kMaxColumns), s,
                                                            _mm512_load_ps(acc + r * kMaxColumns)));
   }
@@ -316,13 +316,15 @@ void run_pass(const WeightView& w, int64_t n0, int rows, const Plan& plan, const
   tile_zero<1>();
   tile_zero<2>();
   tile_zero<3>();
+  RowGroups groups[kTileRows];
+  for (int r = 0; r < rows; ++r) groups[r] = RowGroups(w, n0 + r);
   auto flush_block = [&](int64_t block) {
-    with_c_tile(block, [&](auto c) { flush<c>(w, n0, rows, block / blocks_per_group, scratch.c_buffer, scratch.acc); });
+    with_c_tile(block, [&](auto c) { flush<c>(rows, groups, block / blocks_per_group, scratch.c_buffer, scratch.acc); });
   };
-  decode_block(w, n0, rows, 0, 0, tables, scratch.a_tiles[0]);
+  decode_block(w, n0, rows, groups, 0, 0, tables, scratch.a_tiles[0]);
   for (int64_t b = 0; b < plan.blocks; ++b) {
     if (b + 1 < plan.blocks)
-      decode_block(w, n0, rows, b + 1, (b + 1) / blocks_per_group, tables, scratch.a_tiles[(b + 1) & 1]);
+      decode_block(w, n0, rows, groups, b + 1, (b + 1) / blocks_per_group, tables, scratch.a_tiles[(b + 1) & 1]);
     if (prefetch)
       for (int64_t at = b * prefetch_per_block; at < std::min((b + 1) * prefetch_per_block, prefetch_bytes); at += 64)
         _mm_prefetch(prefetch + at, _MM_HINT_T1);
