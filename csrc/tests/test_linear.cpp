@@ -264,12 +264,16 @@ int main() {
           // Every number of activation rows per weight pass (1..8), and 9 (a pass of 8 and a pass of 1).
           for (int64_t m : {2, 4, 5, 6, 7, 9})
             check_linear(isa, rng, bits, symmetric, m, 23, 391, g, m % 2 == 0);
-          // bfloat16 and float16 activations, read by the kernels without a float copy.
+          // bfloat16 and float16 activations, read by the kernels without a float copy; from 2 (bf16) or 3
+          // (f16) rows the amx table runs them on tiles, 16 columns (bf16 rows, or f16 rows x 2) per pass.
           for (qk::ActType t : {qk::ActType::bf16, qk::ActType::f16})
-            for (int64_t m : {1, 5})
+            for (int64_t m : {1, 2, 3, 17})
               check_linear(isa, rng, bits, symmetric, m, 20, 300, g, true, t);
-          // More rows than one staging pass holds (K > 2048 allows fewer than 33 staged rows).
-          check_linear(isa, rng, bits, symmetric, 33, 5, 2500, g, false);
+          // More rows than one staging pass holds: K > 2048 allows fewer than 33 staged rows on the FMA
+          // kernels; the tile path stages 256 rows at a time.
+          for (qk::ActType t : {qk::ActType::f32, qk::ActType::bf16})
+            check_linear(isa, rng, bits, symmetric, 33, 3, 2100, g, false, t);
+          check_linear(isa, rng, bits, symmetric, 257, 3, 130, g, true, qk::ActType::bf16);
           // Tall inputs (a second row chunk of the a8 kernels past 256 rows), K over several 512-element blocks.
           check_linear(isa, rng, bits, symmetric, 130, 21, 1100, g, true);
           check_linear(isa, rng, bits, symmetric, 270, 5, 200, g, false);
