@@ -23,8 +23,6 @@ void load_row_avx512(const void* x, ActType type, int64_t k, int64_t len, float*
 // to linear_f32_avx512.
 void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                     int64_t n_begin, int64_t n_end);
-// AMX-TILE and AMX-BF16 present and the tile state granted by the OS (asked for on the first call).
-bool amx_usable();
 void linear_f32_avx2(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                      int64_t n_begin, int64_t n_end);
 

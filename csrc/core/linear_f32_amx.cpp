@@ -32,42 +32,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#if defined(__x86_64__)
-#include <cpuid.h>
-#endif
-
 #include "kernels.h"
 #include "linear_f32.h"
-
-namespace qk {
-namespace {
-
-// CPUID.(EAX=7,ECX=0):EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), then Linux's permission for the 8 KB of tile
-// state (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), which a process must ask for before its first tile op.
-bool detect_amx() {
-#if defined(__x86_64__) && defined(__linux__)
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  if (!((edx >> 22) & 1) || !((edx >> 24) & 1)) return false;
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-  return false;
-#endif
-}
-
-}  // namespace
-
-bool amx_usable() {
-  static const bool usable = detect_amx();
-  return usable;
-}
-
-}  // namespace qk
 
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 
