@@ -5,6 +5,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "linear_f32.h"
 
 namespace qk {
 namespace {
@@ -35,7 +36,7 @@ Isa initial_isa() {
   Isa isa;
   if (!parse_isa(env, &isa))
     throw std::invalid_argument(std::string("QUANTKERNELS_ISA: got '") + env +
-                                "', expected one of portable, avx2, avx512");
+                                "', expected one of portable, avx2, avx512, amx");
   if (!isa_supported(isa))
     throw std::invalid_argument(std::string("QUANTKERNELS_ISA: got '") + env + "', which this CPU does not support");
   return isa;
@@ -53,12 +54,13 @@ const char* isa_name(Isa isa) {
     case Isa::portable: return "portable";
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
+    case Isa::amx: return "amx";
   }
   return "unknown";
 }
 
 bool parse_isa(const char* name, Isa* out) {
-  for (Isa isa : {Isa::portable, Isa::avx2, Isa::avx512}) {
+  for (Isa isa : {Isa::portable, Isa::avx2, Isa::avx512, Isa::amx}) {
     if (std::strcmp(name, isa_name(isa)) == 0) {
       *out = isa;
       return true;
@@ -72,11 +74,13 @@ bool isa_supported(Isa isa) {
     case Isa::portable: return true;
     case Isa::avx2: return cpu_has_avx2();
     case Isa::avx512: return cpu_has_avx512();
+    case Isa::amx: return cpu_has_avx512() && amx_usable();
   }
   return false;
 }
 
 Isa best_isa() {
+  if (isa_supported(Isa::amx)) return Isa::amx;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::portable;
@@ -92,6 +96,7 @@ bool set_active_isa(Isa isa) {
 
 const LinearKernels& kernels(Isa isa) {
   switch (isa) {
+    case Isa::amx: return amx_kernels();
     case Isa::avx512: return avx512_kernels();
     case Isa::avx2: return avx2_kernels();
     case Isa::portable: break;

@@ -1,0 +1,336 @@
+// AMX weight-only linear for int4 weights with float activations: the linear_f32 slot of the amx table.
+//
+// Tiles of 16 weight rows are decoded to bfloat16 (c - zero), which is exact for every code, and multiplied
+// with x on the tile unit (TDPBF16PS: exact bf16 products, float32 accumulation). x is split into bf16 pieces
+// whose sum is exactly x: one for bfloat16, two for float16 (11 significant bits), three for float32 (24), and
+// the pieces are extra columns of the B tile, summed after the K loop. So the result has the error of a float32
+// dot product, for every activation type, and the group's scale multiplies the tile's partial sums at the
+// group's end.
+//
+// Layouts. A 64-byte block of a weight row holds 128 elements; its 16-bit word j holds elements 4j..4j+3, one
+// per nibble, so `word >> 4t` indexes a 32-entry vpermw table (16 values, twice: the index's bit 4 belongs to
+// the next nibble) and gives the A-tile row of phase t: 32 elements 4j + t. In a TDPBF16PS, A[r][2kk + i] meets
+// B[kk][2c + i], i.e. block element 8kk + 4i + t; x is staged in that order once per call.
+//
+// Weights whose groups do not hold whole 64-byte blocks (groups of 32 or 64) and int8 weights go to the
+// AVX-512 kernel, which also runs wherever the OS does not grant the tile state.
+// GCC 12's AVX-512 headers pass self-initialised "undefined" vectors to masked builtins, which -Wall reports
+// as uninitialized at every use (GCC bug 105593, fixed in GCC 13); silenced for the header only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+#include "kernels.h"
+#include "linear_f32.h"
+
+namespace qk {
+namespace {
+
+// CPUID.(EAX=7,ECX=0):EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), then Linux's permission for the 8 KB of tile
+// state (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), which a process must ask for before its first tile op.
+bool detect_amx() {
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!((edx >> 22) & 1) || !((edx >> 24) & 1)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool amx_usable() {
+  static const bool usable = detect_amx();
+  return usable;
+}
+
+}  // namespace qk
+
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+
+namespace qk {
+namespace {
+
+constexpr int64_t kBlock = 128;  // elements per 64-byte block of a weight row
+constexpr int kTileRows = 16;    // weight rows per tile (A and C rows)
+constexpr int kPhases = 4;       // A tiles per block: elements 4j + t
+constexpr int kPairs = 16;       // B rows: 32 elements as bf16 pairs
+constexpr int kMaxColumns = 16;  // float32 columns of a C tile (64 bytes)
+constexpr int kLanes = 16;
+// Tile registers. A tdpbf16ps that accumulates into the C tile of the one before it waits for that one's
+// result, so the 4 phases of a block go to two C tiles (even, odd phases), and successive blocks alternate
+// between two such pairs: four independent chains keep the tile unit busy. A alternates tmm4 / tmm7 and B
+// tmm5 / tmm6, so that a load never waits for the multiply still reading the previous tile.
+constexpr int kTileA0 = 4, kTileB0 = 5, kTileB1 = 6, kTileA1 = 7;
+
+// The tile configuration (Intel SDM, LDTILECFG): palette 1, bytes per row and rows of each tile.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// The tile instructions. GCC's intrinsics paste the tile number into the mnemonic, so it cannot be a template
+// parameter, and their loads do not tell the compiler they read memory; these take the number as an "n"
+// operand and clobber memory, so that the stores filling a buffer stay ahead of the tile load reading it.
+template <int T>
+inline void tile_load(const void* base, long stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "n"(T) : "memory");
+}
+template <int T>
+inline void tile_store(void* base, long stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "n"(T) : "memory");
+}
+template <int T>
+inline void tile_zero() {
+  asm volatile("tilezero %%tmm%c0" ::"n"(T));
+}
+// C += A * B over bf16 pairs, float32 accumulation.
+template <int C, int A, int B>
+inline void tile_dpbf16ps() {
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+}
+inline void tile_load_config(const TileConfig& config) { asm volatile("ldtilecfg %0" ::"m"(config) : "memory"); }
+inline void tile_release() { asm volatile("tilerelease" ::: "memory"); }
+
+int pieces_for(ActType t) { return t == ActType::bf16 ? 1 : t == ActType::f16 ? 2 : 3; }
+
+// Round to nearest even bf16, kept in the high half of each float32 lane. NaN stays NaN (quieted).
+inline __m512i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                                           _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(rounded, nan, _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))),
+                              _mm512_set1_epi32(0x00400000));
+}
+
+// The 32-entry vpermw tables, bf16(c - zero) for c = 0..15 twice, one per zero point of the format.
+struct DecodeTables {
+  alignas(64) uint16_t value[16][32];
+  DecodeTables() {
+    for (int z = 0; z < 16; ++z)
+      for (int i = 0; i < 32; ++i) {
+        const float v = static_cast<float>((i & 15) - z);  // an integer of at most 4 bits: exact in bf16
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        value[z][i] = static_cast<uint16_t>(bits >> 16);
+      }
+  }
+  // A zero point past 15 is outside the format but not checked by the ops (that would cost a pass over the
+  // zero points): it gets a table built here, as exact (|c - z| <= 255 fits bf16), instead of a read past
+  // the array.
+  __m512i get(int zero) const {
+    if (zero < 16) return _mm512_load_si512(value[zero]);
+    const __m512i codes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(zero)));
+    const __m256i words = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(words), words, 1);
+  }
+};
+
+// How the activation rows of a call map onto B tiles.
+struct Plan {
+  int pieces;          // bf16 pieces per activation value
+  int64_t rows_per_pass;  // activation rows per C tile: columns = rows_per_pass * pieces <= 16
+  int64_t passes;      // passes over each weight tile, one per group of rows_per_pass activation rows
+  int columns;         // float32 columns of the C and B tiles
+  int64_t blocks;      // 64-byte blocks covering columns [0, k)
+  int64_t b_tile_elems() const { return kPairs * columns * 2; }
+  int64_t pass_elems() const { return blocks * kPhases * b_tile_elems(); }
+};
+
+// B tiles of every pass: tile (pass, block, t) row kk holds, for each column (row m, piece q), the pair of
+// elements 4j + t of the block with j = 2kk, 2kk + 1, as bf16 piece q.
+void stage_b(const void* x, ActType type, int64_t m, int64_t k, const Plan& plan, uint16_t* b_tiles) {
+  const int64_t len = plan.blocks * kBlock;
+  std::memset(b_tiles, 0, sizeof(uint16_t) * plan.passes * plan.pass_elems());
+  float* row_f32 = staging_buffer(1, (1 + plan.pieces) * len);
+  uint16_t* pieces = reinterpret_cast<uint16_t*>(row_f32 + len);  // [piece][len]
+  for (int64_t i = 0; i < m; ++i) {
+    load_row_avx512(static_cast<const char*>(x) + i * k * act_bytes(type), type, k, len, row_f32);
+    for (int64_t e = 0; e < len; e += kLanes) {
+      __m512 v = _mm512_load_ps(row_f32 + e);
+      for (int q = 0; q < plan.pieces; ++q) {
+        const __m512i head = to_bf16(v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pieces + q * len + e),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
+        // The rest, exact in float32; zero where x is infinite or NaN (head - head is NaN there), so that
+        // inf * w comes out as the reference's.
+        const __m512 h = _mm512_castsi512_ps(head);
+        const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(h, h), _mm512_setzero_ps(), _CMP_EQ_OQ);
+        v = _mm512_maskz_sub_ps(finite, v, h);
+      }
+    }
+    uint16_t* pass_tiles = b_tiles + (i / plan.rows_per_pass) * plan.pass_elems();
+    const int64_t column0 = (i % plan.rows_per_pass) * plan.pieces;
+    for (int64_t e = 0; e < len; ++e) {
+      const int64_t b = e / kBlock, j = (e % kBlock) / 4, t = e % 4;  // element 4j + t of block b
+      uint16_t* pair = pass_tiles + (b * kPhases + t) * plan.b_tile_elems() + (j / 2 * plan.columns + column0) * 2 + j % 2;
+      for (int q = 0; q < plan.pieces; ++q) pair[2 * q] = pieces[q * len + e];
+    }
+  }
+}
+
+// Decodes block b of `rows` weight rows into the four A tiles a_tiles[t][row][32 bf16].
+inline void decode_block(const WeightView& w, int64_t n0, int rows, int64_t b, int64_t group,
+                         const DecodeTables& tables, uint16_t* a_tiles) {
+  const int64_t row_bytes = w.row_bytes(), left = row_bytes - b * 64;
+  const __mmask64 mask = left >= 64 ? ~0ull : (1ull << left) - 1;  // left >= 1: block b holds a column < k
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* q = static_cast<const uint8_t*>(w.qdata) + (n0 + r) * row_bytes + b * 64;
+    const __m512i v = left >= 64 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8(mask, q);
+    const __m512i table = tables.get(w.zero(n0 + r, group));
+    for (int t = 0; t < kPhases; ++t) {
+      const __m512i a = _mm512_permutexvar_epi16(t ? _mm512_srli_epi16(v, 4 * t) : v, table);
+      _mm512_store_si512(a_tiles + (t * kTileRows + r) * 32, a);
+    }
+  }
+}
+
+// The four phases of a block: even phases into C tile C0, odd into C1.
+template <int C0, int C1>
+inline void multiply_block(const uint16_t* a_tiles, const uint16_t* b_tiles, int64_t b_tile_elems, long b_stride) {
+  tile_load<kTileA0>(a_tiles, 64);
+  tile_load<kTileB0>(b_tiles, b_stride);
+  tile_dpbf16ps<C0, kTileA0, kTileB0>();
+  tile_load<kTileA1>(a_tiles + kTileRows * 32, 64);
+  tile_load<kTileB1>(b_tiles + b_tile_elems, b_stride);
+  tile_dpbf16ps<C1, kTileA1, kTileB1>();
+  tile_load<kTileA0>(a_tiles + 2 * kTileRows * 32, 64);
+  tile_load<kTileB0>(b_tiles + 2 * b_tile_elems, b_stride);
+  tile_dpbf16ps<C0, kTileA0, kTileB0>();
+  tile_load<kTileA1>(a_tiles + 3 * kTileRows * 32, 64);
+  tile_load<kTileB1>(b_tiles + 3 * b_tile_elems, b_stride);
+  tile_dpbf16ps<C1, kTileA1, kTileB1>();
+}
+
+// acc[row][column] += scale[row] * (sum of C tiles C0, C1), and the two restart from zero.
+template <int C0, int C1>
+inline void flush(const WeightView& w, int64_t n0, int rows, int64_t group, float* c_buffers, float* acc) {
+  tile_store<C0>(c_buffers, 64);
+  tile_store<C1>(c_buffers + kTileRows * kMaxColumns, 64);
+  tile_zero<C0>();
+  tile_zero<C1>();
+  for (int r = 0; r < rows; ++r) {
+    const __m512 s = _mm512_set1_ps(w.scale[(n0 + r) * w.n_groups() + group]);
+    const __m512 c = _mm512_add_ps(_mm512_load_ps(c_buffers + r * kMaxColumns),
+                                   _mm512_load_ps(c_buffers + (kTileRows + r) * kMaxColumns));
+    _mm512_store_ps(acc + r * kMaxColumns, _mm512_fmadd_ps(c, s, _mm512_load_ps(acc + r * kMaxColumns)));
+  }
+}
+
+// Per-thread scratch of one tile pass: two sets of A tiles (decode fills one while the tile unit reads the
+// other), the C tiles of a flush and the scaled sums.
+struct Scratch {
+  alignas(64) uint16_t a_tiles[2][kPhases * kTileRows * 32];
+  alignas(64) float c_buffers[2 * kTileRows * kMaxColumns];
+  alignas(64) float acc[kTileRows * kMaxColumns];
+};
+
+// One pass of weight rows [n0, n0 + rows), rows <= 16, against the B tiles of one pass: acc receives the
+// scaled sums. Block b uses C tiles (0, 1) if b is even, else (2, 3). A group that is one block is flushed
+// after the next block's multiplies are issued, so that the tile store does not wait for the multiplies
+// still running; longer groups (and one group per row) are flushed at their end.
+void run_pass(const WeightView& w, int64_t n0, int rows, const Plan& plan, const uint16_t* b_tiles,
+              const DecodeTables& tables, Scratch& scratch) {
+  const int64_t blocks_per_group = w.n_groups() == 1 ? plan.blocks : w.group_len / kBlock;
+  const long b_stride = plan.columns * 4;
+  std::memset(scratch.acc, 0, sizeof scratch.acc);
+  if (rows < kTileRows) std::memset(scratch.a_tiles, 0, sizeof scratch.a_tiles);  // rows past the end: zeros
+  tile_zero<0>();
+  tile_zero<1>();
+  tile_zero<2>();
+  tile_zero<3>();
+  int64_t pending_group = -1;  // a one-block group whose C tiles (those of the other parity) await their flush
+  for (int64_t b = 0; b < plan.blocks; ++b) {
+    const int64_t group = b / blocks_per_group;
+    const bool odd = b & 1;
+    uint16_t* a_tiles = scratch.a_tiles[odd];
+    decode_block(w, n0, rows, b, group, tables, a_tiles);
+    const uint16_t* bb = b_tiles + b * kPhases * plan.b_tile_elems();
+    if (odd)
+      multiply_block<2, 3>(a_tiles, bb, plan.b_tile_elems(), b_stride);
+    else
+      multiply_block<0, 1>(a_tiles, bb, plan.b_tile_elems(), b_stride);
+    if (pending_group >= 0) {  // the previous block's tiles: the other parity
+      if (odd)
+        flush<0, 1>(w, n0, rows, pending_group, scratch.c_buffers, scratch.acc);
+      else
+        flush<2, 3>(w, n0, rows, pending_group, scratch.c_buffers, scratch.acc);
+      pending_group = -1;
+    }
+    if (b + 1 == plan.blocks || (b + 1) % blocks_per_group == 0) {
+      if (blocks_per_group == 1 && b + 1 < plan.blocks) {
+        pending_group = group;
+      } else {
+        flush<0, 1>(w, n0, rows, group, scratch.c_buffers, scratch.acc);
+        flush<2, 3>(w, n0, rows, group, scratch.c_buffers, scratch.acc);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
+                    int64_t n_begin, int64_t n_end) {
+  if (w.bits != 4 || !(w.group_len % kBlock == 0 || w.n_groups() == 1) || !amx_usable())
+    return linear_f32_avx512(w, x, x_type, m, bias, y, n_begin, n_end);
+  static const DecodeTables tables;
+  Plan plan;
+  plan.pieces = pieces_for(x_type);
+  plan.blocks = (w.k + kBlock - 1) / kBlock;
+  plan.rows_per_pass = std::min<int64_t>(m, kMaxColumns / plan.pieces);
+  plan.passes = (m + plan.rows_per_pass - 1) / plan.rows_per_pass;
+  plan.columns = static_cast<int>(plan.rows_per_pass) * plan.pieces;
+  // bf16 B tiles in a float buffer: two per float.
+  uint16_t* b_tiles = reinterpret_cast<uint16_t*>(staging_buffer(0, plan.passes * plan.pass_elems() / 2 + 1));
+  stage_b(x, x_type, m, w.k, plan, b_tiles);
+
+  TileConfig config;
+  for (int c = 0; c < 4; ++c) config.rows[c] = kTileRows, config.colsb[c] = plan.columns * 4;
+  for (int a : {kTileA0, kTileA1}) config.rows[a] = kTileRows, config.colsb[a] = 64;
+  for (int b : {kTileB0, kTileB1}) config.rows[b] = kPairs, config.colsb[b] = plan.columns * 4;
+  tile_load_config(config);
+  Scratch scratch{};  // zeros: a C tile store fills only `columns` lanes of each row, the rest must stay 0
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n_end - n0));
+    for (int64_t pass = 0; pass < plan.passes; ++pass) {  // the weight tile stays in L1 across passes
+      run_pass(w, n0, rows, plan, b_tiles + pass * plan.pass_elems(), tables, scratch);
+      const int64_t m0 = pass * plan.rows_per_pass, m1 = std::min(m, m0 + plan.rows_per_pass);
+      for (int64_t i = m0; i < m1; ++i)
+        for (int r = 0; r < rows; ++r) {
+          const float* sums = scratch.acc + r * kMaxColumns + (i - m0) * plan.pieces;
+          float sum = sums[0];
+          for (int q = 1; q < plan.pieces; ++q) sum += sums[q];
+          y[i * w.n + n0 + r] = sum + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+  }
+  tile_release();
+}
+
+}  // namespace qk
