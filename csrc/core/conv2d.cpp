@@ -177,7 +177,7 @@ struct GemmConv {
     if constexpr (std::is_same_v<T, int8_t>)
       lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1);
     else
-      lk.linear_f32(group_weight(g), rows, m, bias_g, y, n0, n1);
+      lk.linear_f32(group_weight(g), rows, ActType::f32, m, bias_g, y, n0, n1);
   }
 
   void fill_scales(int64_t r0, int64_t r1, float* dst) const {
