@@ -9,19 +9,14 @@
 * :class:`QuantizationReport` -- size, accuracy and latency before and after, as a markdown table.
 """
 
-import importlib.util
-
 from .calibration import ActivationRange, MinMaxObserver, MSEObserver, PercentileObserver, calibrate, collect_hessians
 from .metrics import OutputError, output_error
+from .mixed_precision import MixedPrecisionPlan, auto_mixed_precision, choose_mixed_precision
+from .qat import QATConv2d, QATLinear, convert_qat, prepare_qat
+from .quantize import WeightRounder, quantize_model
 from .report import QuantizationReport
 from .rounding import GPTQSolver, gptq, search_scales
-
-# The model-level tools build on swap_to_quantized (quantkernels.nn), merged separately.
-if importlib.util.find_spec("quantkernels.nn") is not None:
-    from .mixed_precision import MixedPrecisionPlan, auto_mixed_precision, choose_mixed_precision
-    from .qat import QATConv2d, QATLinear, convert_qat, prepare_qat
-    from .quantize import WeightRounder, quantize_model
-    from .sensitivity import SensitivityReport, sensitivity_analysis
+from .sensitivity import SensitivityReport, sensitivity_analysis
 
 __all__ = [
     "ActivationRange",

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..formats import ACT_INT8_QMAX
+from ..nn.modules import _conv_input_padding
 
 #: Histogram resolution of the percentile and MSE observers: 2048 bins over [0, absmax] resolve a clipping
 #: threshold to 0.05% of the range, finer than the 1/127 step of the int8 grid it sets.
@@ -152,22 +153,21 @@ class PercentileObserver(HistogramObserver):
 
 
 class MSEObserver(HistogramObserver):
-    """Clips where the expected squared error of symmetric int8 quantization is least.
+    """Clips where symmetric int8 quantization of the observed values has the least squared error.
 
-    For a threshold ``c`` with step ``d = c / 127``, an input inside the range costs the rounding noise
-    ``d^2 / 12`` and one beyond it costs ``(|x| - c)^2``; the sum over the histogram is minimized over the
-    bin edges.
+    Each threshold ``c`` (a bin edge) quantizes every bin's centre on the grid of step ``c / 127``, saturating
+    beyond ``c``; the error is summed over the histogram's counts and minimized over the edges.
     """
 
     def clip(self) -> float:
         if self.counts.sum() == 0:
             return 0.0
-        x, n = self.centres(), self.counts
-        edges = torch.arange(1, self.bins + 1, dtype=torch.float64) * (self.top / self.bins)
-        inside = (x.unsqueeze(0) <= edges.unsqueeze(1)).to(torch.float64)  # (threshold, bin)
-        rounding = (edges / ACT_INT8_QMAX).square() / 12 * (inside @ n)
-        clipping = ((1 - inside) * (x.unsqueeze(0) - edges.unsqueeze(1)).clamp(min=0).square()) @ n
-        return min(edges[int(torch.argmin(rounding + clipping))].item(), super().clip())
+        x = self.centres().unsqueeze(0)  # (1, bin)
+        edges = torch.arange(1, self.bins + 1, dtype=torch.float64).unsqueeze(1) * (self.top / self.bins)
+        step = edges / ACT_INT8_QMAX  # (threshold, 1)
+        quantized = torch.round(x / step).clamp(max=ACT_INT8_QMAX) * step
+        err = (quantized - x).square() @ self.counts
+        return min(edges[int(torch.argmin(err)), 0].item(), super().clip())
 
 
 OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver}
@@ -244,14 +244,11 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().to(torch.float64)
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    padding = module.padding
-    if isinstance(padding, str):  # "same" / "valid": pad explicitly as nn.Conv2d does, then unfold unpadded
-        if padding == "same":
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            x = F.pad(x, [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2])
-        padding = (0, 0)
-    if module.padding_mode != "zeros":
-        raise ValueError(f"{type(module).__name__}: padding_mode {module.padding_mode!r} is not supported, only 'zeros'")
+    # Pad as the layer does (and QuantizedConv2d after it): asymmetric "same" and non-zero modes pad the input.
+    input_padding, padding = _conv_input_padding(module.padding, module.kernel_size, module.dilation,
+                                                 module.padding_mode)
+    if input_padding is not None:
+        x = F.pad(x, input_padding, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, C*kh*kw, L)
     g = module.groups
     k = cols.shape[1] // g

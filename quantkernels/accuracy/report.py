@@ -16,17 +16,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..nn.swap import model_nbytes
 from .calibration import default_run, evaluating
 
 #: Timed forward passes per measurement (the median is reported) after this many warm-up passes.
 LATENCY_REPEATS = 10
 LATENCY_WARMUP = 2
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, each tensor counted once (stored codes, scales, zero points)."""
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def latency_ms(model: nn.Module, example, *, run_fn: Optional[Callable] = None, repeats: int = LATENCY_REPEATS) -> float:
@@ -86,7 +81,7 @@ class QuantizationReport:
         ms = (None, None)
         if example is not None:
             ms = tuple(latency_ms(m, example, run_fn=run_fn, repeats=repeats) for m in (float_model, quantized_model))
-        row = ReportRow(name, model_bytes(float_model), model_bytes(quantized_model), before, after, *ms)
+        row = ReportRow(name, model_nbytes(float_model), model_nbytes(quantized_model), before, after, *ms)
         self.rows.append(row)
         return row
 
