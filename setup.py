@@ -31,7 +31,11 @@ setup(
             "quantkernels._C",
             sources,
             # No -march=native: per-ISA code is compiled by target pragmas and chosen at run time.
-            extra_compile_args=["-O3", "-fno-math-errno"],
+            # -fopenmp: at::parallel_for is a header template that only runs in parallel where _OPENMP is
+            # defined; without it every op ran on one thread whatever torch.set_num_threads said. The
+            # libgomp.so.1 it links is the one torch has already loaded (same soname).
+            extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},

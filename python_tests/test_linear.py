@@ -109,8 +109,9 @@ def test_nan_in_activation_propagates_per_row(isa, rng):
         assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
 
 
-def test_threads_give_same_result(rng):
-    x = torch.randn(5, 512, generator=rng)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_give_same_result(dtype, rng):
+    x = torch.randn(5, 512, generator=rng).to(dtype)
     qw = quantize_weight(torch.randn(300, 512, generator=rng), bits=4, group_size=128)
     threads = torch.get_num_threads()
     try:

@@ -48,11 +48,9 @@ constexpr int kMaxColumns = 16;  // float32 columns of a C tile (64 bytes)
 // Activation rows staged at a time: 16 passes of 16 bf16 rows over each weight tile. Bounds the staged B
 // tiles (256 rows x K x 2 bytes x pieces) while weights re-read per stage are amortized over 256 rows.
 constexpr int64_t kRowsPerStage = 256;
-constexpr int kLanes = 16;
-// Tile registers. A tdpbf16ps that accumulates into the C tile of the one before it waits for that one's
-// result, so the 4 phases of a block go to two C tiles (even, odd phases), and successive blocks alternate
-// between two such pairs: four independent chains keep the tile unit busy. A alternates tmm4 / tmm7 and B
-// tmm5 / tmm6, so that a load never waits for the multiply still reading the previous tile.
+constexpr int kLanes = 16;  // floats per zmm
+// Tile registers: C tiles tmm0..3 (block b accumulates into b % 4, see run_pass); A alternates tmm4 / tmm7
+// and B tmm5 / tmm6, so that a load never waits for the multiply still reading the previous tile.
 constexpr int kTileA0 = 4, kTileB0 = 5, kTileB1 = 6, kTileA1 = 7;
 
 // The tile configuration (Intel SDM, LDTILECFG): palette 1, bytes per row and rows of each tile.
@@ -133,11 +131,11 @@ struct DecodeTables {
 
 // How the activation rows of a call map onto B tiles.
 struct Plan {
-  int pieces;          // bf16 pieces per activation value
+  int pieces;             // bf16 pieces per activation value
   int64_t rows_per_pass;  // activation rows per C tile: columns = rows_per_pass * pieces <= 16
-  int64_t passes;      // passes over each weight tile, one per group of rows_per_pass activation rows
-  int columns;         // float32 columns of the C and B tiles
-  int64_t blocks;      // 64-byte blocks covering columns [0, k)
+  int64_t passes;         // passes over each weight tile, one per group of rows_per_pass activation rows
+  int columns;            // float32 columns of the C and B tiles
+  int64_t blocks;         // 64-byte blocks covering columns [0, k)
   int64_t b_tile_elems() const { return kPairs * columns * 2; }
   int64_t pass_elems() const { return blocks * kPhases * b_tile_elems(); }
 };

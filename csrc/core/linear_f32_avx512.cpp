@@ -159,23 +159,20 @@ struct Int4Wide {
     // One loop per load kind, with the group's tables refreshed inside: nested loops over groups make GCC
     // spill the accumulators at every group boundary.
     int64_t b = 0, g = 0, next_group = 0;
-    const int64_t plain_end = std::min(plain_blocks, job.chunks);
-    for (; b < plain_end; ++b, xb += kWideBlock) {
-      if (b == next_group) {
-        for (int r = 0; r < R; ++r) table[r] = int4_table(groups[r], g);
-        ++g;
-        next_group += blocks_per_group;
-      }
+    auto start_group_at = [&](int64_t block) __attribute__((always_inline)) {
+      if (block != next_group) return;
+      for (int r = 0; r < R; ++r) table[r] = int4_table(groups[r], g);
+      ++g;
+      next_group += blocks_per_group;
+    };
+    for (const int64_t plain_end = std::min(plain_blocks, job.chunks); b < plain_end; ++b, xb += kWideBlock) {
+      start_group_at(b);
       for (int r = 0; r < R; ++r) prefetch(q[r]);
       block<false>(q, 0, table, xb, job.xs_stride, acc);
       for (int r = 0; r < R; ++r) q[r] += 64;
     }
     for (; b < job.chunks; ++b, xb += kWideBlock) {
-      if (b == next_group) {
-        for (int r = 0; r < R; ++r) table[r] = int4_table(groups[r], g);
-        ++g;
-        next_group += blocks_per_group;
-      }
+      start_group_at(b);
       block<true>(q, row_bytes - b * 64, table, xb, job.xs_stride, acc);
       for (int r = 0; r < R; ++r) q[r] += 64;
     }
