@@ -48,7 +48,8 @@ class LayerReport:
 
 @dataclasses.dataclass(frozen=True)
 class SwapReport:
-    """What :func:`swap_to_quantized` did; ``str(report)`` is a table. Set as ``model.quantization_report``."""
+    """What one :func:`swap_to_quantized` call did; ``str(report)`` is a table. The call sets it as
+    ``model.quantization_report`` (a later call on the same model replaces it with its own)."""
 
     layers: Tuple[LayerReport, ...]
     model_bytes_before: int  # all parameters and buffers (shared tensors once)
