@@ -37,15 +37,17 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     return 10.0 * math.log10(signal_energy / noise_energy) if signal_energy > 0 else -math.inf
 
 
-def quantize_with_sqnr(weight: torch.Tensor, config: QuantConfig) -> Tuple[QuantizedWeight, float]:
+def quantize_with_sqnr(weight: torch.Tensor, config: QuantConfig,
+                       out: Optional[QuantizedWeight] = None) -> Tuple[QuantizedWeight, float]:
     """``config.quantize(weight)`` computed in blocks of rows, with the SQNR in dB of the result against ``weight``.
 
     Scale groups run along a row, so row blocks quantize independently and fill the whole-tensor result
-    exactly. The result is allocated once up front: blocks' temporaries then reuse the same freed memory
-    instead of fragmenting the heap around pieces of the result (see :data:`BLOCK_ELEMENTS`).
+    exactly. The result is allocated once up front (or is ``out``, e.g. a module's zero buffers of the right
+    layout): blocks' temporaries then reuse the same freed memory instead of fragmenting the heap around
+    pieces of the result (see :data:`BLOCK_ELEMENTS`).
     """
     weight = weight.detach()
-    stored = _zero_stored_weight(weight.shape, config, weight.device)
+    stored = _zero_stored_weight(weight.shape, config, weight.device) if out is None else out
     rows = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
     signal, noise = 0.0, 0.0
     for start in range(0, weight.shape[0], rows):
@@ -206,7 +208,7 @@ class QuantizedModule(nn.Module):
             raise TypeError(f"module: got {type(module).__name__}, expected an nn.{cls.float_type.__name__}")
         quantized = cls.empty_like(module, config)
         with torch.no_grad():
-            weight, sqnr = quantize_with_sqnr(module.weight, quantized.config)
+            weight, sqnr = quantize_with_sqnr(module.weight, quantized.config, out=quantized.quantized_weight())
             quantized.set_quantized_weight(weight, module.bias)
         return quantized, sqnr
 
