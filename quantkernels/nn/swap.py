@@ -189,13 +189,12 @@ def swap_to_quantized(
                 layers.append(LayerReport(name, kind.__name__, None, reason, before, before, None))
                 continue
             quantized, sqnr = QUANTIZED_TYPES[kind].from_float_with_sqnr(module, layer_config)
-            del module
+            del module  # once replaced below, nothing holds the float layer: its weight is freed before the next
             if name:
                 replace_module(model, slots[name], quantized)
             else:
                 model = quantized
             layers.append(LayerReport(name, kind.__name__, layer_config, None, before, quantized.nbytes(), sqnr))
-            del quantized
 
     for pattern in skip + list(layer_configs):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
