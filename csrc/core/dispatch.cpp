@@ -4,8 +4,15 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 #include "kernels.h"
-#include "linear_f32.h"
 
 namespace qk {
 namespace {
@@ -30,6 +37,21 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// CPUID.(EAX=7,ECX=0):EDX bits 22 (AMX-BF16), 24 (AMX-TILE) and 25 (AMX-INT8), then Linux's permission for the
+// 8 KB of tile state (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), which a process must ask for before its first
+// tile op.
+bool detect_amx() {
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!((edx >> 22) & 1) || !((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 Isa initial_isa() {
   const char* env = std::getenv("QUANTKERNELS_ISA");
   if (env == nullptr || *env == '\0') return best_isa();
@@ -48,6 +70,11 @@ std::atomic<int>& active_slot() {
 }
 
 }  // namespace
+
+bool amx_usable() {
+  static const bool usable = detect_amx();
+  return usable;
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {

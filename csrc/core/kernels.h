@@ -9,7 +9,7 @@
 
 namespace qk {
 
-// Instruction-set levels, each a superset of the one before: amx is avx512 plus the AMX tile unit (bf16).
+// Instruction-set levels, each a superset of the one before: amx is avx512 plus the AMX tile unit (bf16, int8).
 enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, amx = 3 };
 
 // Element type of the float activations the weight-only kernels read. They convert to float32 while staging x,
@@ -34,6 +34,9 @@ const char* isa_name(Isa isa);
 // Parses "portable", "avx2", "avx512" or "amx"; returns false on anything else.
 bool parse_isa(const char* name, Isa* out);
 bool isa_supported(Isa isa);
+// AMX-TILE, AMX-BF16 and AMX-INT8 present and the tile state granted by the OS (asked for on the first call):
+// with AVX-512, the amx level. Its kernels also check it, so that no call ever faults.
+bool amx_usable();
 Isa best_isa();
 // QUANTKERNELS_ISA if set (it must name a supported ISA), else best_isa(); overridable by set_active_isa.
 Isa active_isa();

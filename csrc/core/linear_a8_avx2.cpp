@@ -257,7 +257,7 @@ void write_rows(const float* acc, int64_t rows, const float* x_scale, const floa
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
                int64_t n_begin, int64_t n_end) {
   if (m <= 0 || n_begin >= n_end) return;
-  const a8::Plan plan(w);
+  const a8::Plan plan(w, a8::kKAlign);
   thread_local a8::Scratch<uint8_t> staged_buf;
   thread_local a8::Scratch<int32_t> panel_buf;
   thread_local a8::Scratch<float> scale_buf, acc_buf;

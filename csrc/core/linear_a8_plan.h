@@ -29,8 +29,8 @@ namespace qk::a8 {
 
 // Elements per step: the 4 bytes of one 32-bit lane of vpdpbusd (or of vpmaddubsw followed by vpmaddwd).
 constexpr int64_t kStep = 4;
-// Staged activation rows are padded to a multiple of 16 elements: the int4 de-interleave works on 8 elements and
-// the AVX2 kernel sums 4 steps in int16 before widening.
+// The VNNI and AVX2 kernels pad staged activation rows to a multiple of 16 elements: the int4 de-interleave works
+// on 8 elements and the AVX2 kernel sums 4 steps in int16 before widening.
 constexpr int64_t kKAlign = 16;
 // K block: the panel of one block (512 elements x 32 columns = 16 KiB for AVX-512) stays in the 48 KiB L1d while
 // every row of the M chunk passes over it. A multiple of 256, so a block holds whole groups of every size.
@@ -45,15 +45,16 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // How K is cut into blocks and segments. A segment is a run of K that shares one scale per column: a group, or
 // for per-channel weights the part of the one group inside a block. Every segment of a block has the same length.
 struct Plan {
-  int64_t k_round = 0;  // k_pad rounded up to kKAlign: the length of a staged activation row
+  int64_t k_round = 0;  // k_pad rounded up to k_align: the length of a staged activation row
   // Bytes from one staged row to the next: an odd number of 64-byte lines, so that the rows a microkernel reads
   // side by side fall in different L1 sets (with K = 4096 they would all share one set and evict each other).
   int64_t row_stride = 0;
   int64_t group_len = 0;
   bool per_channel = false;
 
-  explicit Plan(const WeightView& w)
-      : k_round(round_up(w.k_pad, kKAlign)),
+  // k_align: a multiple of 16 dividing kKBlock (kKAlign, or the K of one AMX step).
+  Plan(const WeightView& w, int64_t k_align)
+      : k_round(round_up(w.k_pad, k_align)),
         row_stride(round_up(k_round, 128) + 64),
         group_len(w.group_len),
         per_channel(w.n_groups() == 1) {}

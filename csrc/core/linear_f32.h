@@ -18,14 +18,29 @@ void linear_f32_avx512(const WeightView& w, const void* x, ActType x_type, int64
 // Converts an activation row x[0..k) to float32 into out[0..len), len a multiple of 16, zero past k; out is
 // 64-byte aligned. AVX-512, shared by the avx512 and amx kernels.
 void load_row_avx512(const void* x, ActType type, int64_t k, int64_t len, float* out);
-// The amx table's kernel: int4 weights whose groups hold whole 64-byte blocks run on AMX tiles; everything
-// else, and every call on a machine or OS without usable AMX, goes to linear_f32_avx512.
+// The amx table's kernel: int4 weights whose groups hold whole 64-byte blocks, with bfloat16 or float16 x of
+// enough rows, run on AMX tiles; everything else, and every call on a machine or OS without usable AMX, goes
+// to linear_f32_avx512.
 void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                     int64_t n_begin, int64_t n_end);
-// AMX-TILE and AMX-BF16 present and the tile state granted by the OS (asked for on the first call).
-bool amx_usable();
 void linear_f32_avx2(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                      int64_t n_begin, int64_t n_end);
+
+// The scales and zero points of one weight row, by group. WeightView::zero() and n_groups() divide by
+// group_len on every call, which costs more than the rest of a 128-weight block in an inner loop.
+struct RowGroups {
+  const float* scale = nullptr;    // [n_groups]
+  const uint8_t* zero = nullptr;   // [n_groups]; nullptr: every group has zero point `fixed_zero`
+  int fixed_zero = 0;              // 8 for symmetric int4, 0 for int8
+  RowGroups() = default;
+  RowGroups(const WeightView& w, int64_t row) {
+    const int64_t n_groups = w.n_groups();
+    scale = w.scale + row * n_groups;
+    if (w.bits == 4 && w.zero_point) zero = w.zero_point + row * n_groups;
+    fixed_zero = w.bits == 4 ? kInt4SymmetricZero : 0;
+  }
+  int zero_of(int64_t group) const { return zero ? zero[group] : fixed_zero; }
+};
 
 inline float bits_to_float(uint32_t bits) {
   float f;

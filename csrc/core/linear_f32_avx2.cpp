@@ -66,7 +66,11 @@ void run_pass(const Job& job, int64_t n, int64_t m0) {
   // group_len is a multiple of 16 (so of a chunk's elements) unless there is one group per row.
   const int64_t chunks_per_group = n_groups == 1 ? job.chunks : w.group_len / (kVectors * kLanes);
   const uint8_t* q[R];
-  for (int r = 0; r < R; ++r) q[r] = static_cast<const uint8_t*>(w.qdata) + (n + r) * row_bytes;
+  RowGroups groups[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = static_cast<const uint8_t*>(w.qdata) + (n + r) * row_bytes;
+    groups[r] = RowGroups(w, n + r);
+  }
   __m256 total[R][M], part[R][M];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) total[r][i] = _mm256_setzero_ps();
@@ -74,7 +78,7 @@ void run_pass(const Job& job, int64_t n, int64_t m0) {
     const int64_t c1 = std::min(c0 + chunks_per_group, job.chunks), g = c0 / chunks_per_group;
     __m256i zero[R];
     for (int r = 0; r < R; ++r) {
-      zero[r] = _mm256_set1_epi32(w.zero(n + r, g));
+      zero[r] = _mm256_set1_epi32(groups[r].zero_of(g));
       for (int i = 0; i < M; ++i) part[r][i] = _mm256_setzero_ps();
     }
     for (int64_t c = c0; c < c1; ++c) {
@@ -98,7 +102,7 @@ void run_pass(const Job& job, int64_t n, int64_t m0) {
         }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 s = _mm256_set1_ps(w.scale[(n + r) * n_groups + g]);
+      const __m256 s = _mm256_set1_ps(groups[r].scale[g]);
       for (int i = 0; i < M; ++i) total[r][i] = _mm256_fmadd_ps(part[r][i], s, total[r][i]);
     }
   }

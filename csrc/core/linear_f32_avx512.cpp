@@ -1,4 +1,5 @@
-// AVX-512 weight-only linear with float activations: the linear_f32 slot of the avx512 table.
+// AVX-512 weight-only linear with float activations: the linear_f32 slot of the avx512 table (and of the amx
+// table where tiles do not pay off).
 //
 // Int4 codes become floats by table lookup: vpermps reads only the low 4 bits of each 32-bit index lane, so a
 // dword whose low nibble is a code indexes a 16-entry table without masking. Per (row, group) the table holds
@@ -6,9 +7,10 @@
 // lookup and one FMA per activation row, and the error is that of a float32 dot product with W itself.
 //
 // Two weight decodes, each with its own staged-x order (x is reordered once per call, never the nibbles):
-//  * wide (group_len a multiple of 128, or one group per row): a 64-byte block holds 128 elements. Read at byte
-//    offset o (0..3), dword lane j holds bytes 4j+o.., whose low nibble is element 8j+2o and high nibble element
-//    8j+2o+1. So four loads and four shifts give all 8 phases p = 2o+h, lane j = element 8j+p, of one table.
+//  * wide (group_len a multiple of 128, or one group per row): a 64-byte block holds 128 elements; dword j
+//    holds elements 8j..8j+7, one per nibble, so `dword >> 4p` indexes the table for phase p, lane j =
+//    element 8j + p. One load, seven shifts and eight lookups per block. (Four loads at byte offsets 0..3
+//    need only four shifts, but three of them split cache lines, and measured slower.)
 //  * narrow (groups of 32 or 64): 16 bytes zero-extended to dwords, lane j = byte j: elements 2j and 2j+1.
 // int8 weights are sign-extended and converted, accumulated per group and scaled at the group's end.
 //
@@ -35,7 +37,6 @@ namespace {
 
 constexpr int kLanes = 16;                // floats per zmm
 constexpr int64_t kWideBlock = 128;       // elements per 64-byte int4 block
-constexpr int64_t kWideOffsetReach = 67;  // bytes one wide block reads: 64 at offsets 0..3
 constexpr int64_t kNarrowChunk = 32;      // int4 elements per 16-byte chunk
 constexpr int64_t kInt8Chunk = 16;        // int8 elements per 16-byte chunk
 constexpr int kMaxRowsPerPass = 8;        // activation rows sharing one pass over a weight row
@@ -60,11 +61,25 @@ struct Job {
   float* y;           // output rows of this pass, row i at y + i * w.n
 };
 
-// The 16 dequantized values of one int4 group: (code - zero) * scale for code = 0..15.
-inline __m512 int4_table(const WeightView& w, int64_t row, int64_t group) {
-  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 zero = _mm512_set1_ps(static_cast<float>(w.zero(row, group)));
-  return _mm512_mul_ps(_mm512_sub_ps(codes, zero), _mm512_set1_ps(w.scale[row * w.n_groups() + group]));
+// code - zero for code = 0..15, one row per zero point of the format (a table per group then costs one
+// multiply, which matters at groups of 128: a group is then one 64-byte block).
+struct CodesMinusZero {
+  alignas(64) float value[16][16];
+  constexpr CodesMinusZero() : value() {
+    for (int z = 0; z < 16; ++z)
+      for (int c = 0; c < 16; ++c) value[z][c] = static_cast<float>(c - z);
+  }
+};
+constexpr CodesMinusZero kCodesMinusZero;
+
+// The 16 dequantized values of one int4 group: (code - zero) * scale for code = 0..15, rounded as the
+// reference rounds them. A zero point past 15 is outside the format but not rejected by the ops.
+inline __m512 int4_table(const RowGroups& row, int64_t group) {
+  const int zero = row.zero_of(group);
+  const __m512 codes = zero < 16 ? _mm512_load_ps(kCodesMinusZero.value[zero])
+                                 : _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_ps(static_cast<float>(zero)));
+  return _mm512_mul_ps(codes, _mm512_set1_ps(row.scale[group]));
 }
 
 // Weight rows per pass: one while M <= 4, so that each thread reads its rows as one sequential stream (the
@@ -109,25 +124,19 @@ struct Int4Wide {
   __attribute__((always_inline)) static inline void block(const uint8_t* const (&q)[R], int64_t left,
                                                           const __m512 (&table)[R], const float* xb,
                                                           int64_t xs_stride, Acc<R, M, A>& acc) {
-    for (int o = 0; o < 4; ++o) {
-      __m512i v[R];
-      for (int r = 0; r < R; ++r) {
-        if (Masked) {
-          const int64_t n_bytes = left - o;  // bytes of the row from q[r] + o on
-          const __mmask64 mask = n_bytes >= 64 ? ~0ull : n_bytes <= 0 ? 0ull : (1ull << n_bytes) - 1;
-          v[r] = _mm512_maskz_loadu_epi8(mask, q[r] + o);
-        } else {
-          v[r] = _mm512_loadu_si512(q[r] + o);
-        }
-      }
-      for (int h = 0; h < 2; ++h) {
-        const int p = 2 * o + h;  // phase: lane j holds element 8j + p of the block
-        __m512 wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = _mm512_permutexvar_ps(h ? _mm512_srli_epi32(v[r], 4) : v[r], table[r]);
-        for (int i = 0; i < M; ++i) {
-          const __m512 xv = _mm512_load_ps(xb + i * xs_stride + p * kLanes);
-          for (int r = 0; r < R; ++r) acc[r][i][p % A] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][p % A]);
-        }
+    __m512i v[R];
+    for (int r = 0; r < R; ++r) {
+      v[r] = Masked ? _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, q[r]) : _mm512_loadu_si512(q[r]);
+      // Keeps the block in a register: GCC otherwise folds the load into each of the seven shifts, eight
+      // loads of one line that compete with the x loads for the load ports (measured 20% slower).
+      asm("" : "+v"(v[r]));
+    }
+    for (int p = 0; p < 8; ++p) {  // phase p: lane j holds element 8j + p of the block, nibble p of dword j
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_permutexvar_ps(p ? _mm512_srli_epi32(v[r], 4 * p) : v[r], table[r]);
+      for (int i = 0; i < M; ++i) {
+        const __m512 xv = _mm512_load_ps(xb + i * xs_stride + p * kLanes);
+        for (int r = 0; r < R; ++r) acc[r][i][p % A] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][p % A]);
       }
     }
   }
@@ -136,10 +145,13 @@ struct Int4Wide {
     const WeightView& w = job.w;
     const int64_t row_bytes = w.row_bytes();
     const int64_t blocks_per_group = w.n_groups() == 1 ? job.chunks : w.group_len / kWideBlock;
-    // Blocks whose four offset loads stay inside the row; the rest use masked loads.
-    const int64_t plain_blocks = row_bytes >= kWideOffsetReach ? (row_bytes - kWideOffsetReach) / 64 + 1 : 0;
+    const int64_t plain_blocks = row_bytes / 64;  // whole blocks; a partial last one is read masked
     const uint8_t* q[R];
-    for (int r = 0; r < R; ++r) q[r] = static_cast<const uint8_t*>(w.qdata) + (n + r) * row_bytes;
+    RowGroups groups[R];
+    for (int r = 0; r < R; ++r) {
+      q[r] = static_cast<const uint8_t*>(w.qdata) + (n + r) * row_bytes;
+      groups[r] = RowGroups(w, n + r);
+    }
     const float* xb = job.xs + m0 * job.xs_stride;
     Acc<R, M, A> acc;
     zero<R, M, A>(acc);
@@ -150,7 +162,7 @@ struct Int4Wide {
     const int64_t plain_end = std::min(plain_blocks, job.chunks);
     for (; b < plain_end; ++b, xb += kWideBlock) {
       if (b == next_group) {
-        for (int r = 0; r < R; ++r) table[r] = int4_table(w, n + r, g);
+        for (int r = 0; r < R; ++r) table[r] = int4_table(groups[r], g);
         ++g;
         next_group += blocks_per_group;
       }
@@ -160,7 +172,7 @@ struct Int4Wide {
     }
     for (; b < job.chunks; ++b, xb += kWideBlock) {
       if (b == next_group) {
-        for (int r = 0; r < R; ++r) table[r] = int4_table(w, n + r, g);
+        for (int r = 0; r < R; ++r) table[r] = int4_table(groups[r], g);
         ++g;
         next_group += blocks_per_group;
       }
@@ -180,27 +192,33 @@ struct Int4Narrow {
     const int64_t row_bytes = w.row_bytes();
     const int64_t chunks_per_group = w.group_len / kNarrowChunk;  // group_len is 32 or 64: row_bytes % 16 == 0
     const uint8_t* q[R];
-    for (int r = 0; r < R; ++r) q[r] = static_cast<const uint8_t*>(w.qdata) + (n + r) * row_bytes;
+    RowGroups groups[R];
+    for (int r = 0; r < R; ++r) {
+      q[r] = static_cast<const uint8_t*>(w.qdata) + (n + r) * row_bytes;
+      groups[r] = RowGroups(w, n + r);
+    }
     Acc<R, M, A> acc;
     zero<R, M, A>(acc);
     __m512 table[R];
-    for (int64_t c = 0, g = 0; c < job.chunks; ++g) {
-      for (int r = 0; r < R; ++r) table[r] = int4_table(w, n + r, g);
-      for (const int64_t group_end = std::min(c + chunks_per_group, job.chunks); c < group_end; ++c) {
-        __m512i v[R];
-        if (c % 4 == 0)
-          for (int r = 0; r < R; ++r) prefetch(q[r] + c * 16);
-        for (int r = 0; r < R; ++r)
-          v[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + c * 16)));
-        const float* xc = job.xs + m0 * job.xs_stride + c * kNarrowChunk;
-        for (int h = 0; h < 2; ++h) {
-          __m512 wv[R];
-          for (int r = 0; r < R; ++r)
-            wv[r] = _mm512_permutexvar_ps(h ? _mm512_srli_epi32(v[r], 4) : v[r], table[r]);
-          for (int i = 0; i < M; ++i) {
-            const __m512 xv = _mm512_load_ps(xc + i * job.xs_stride + h * kLanes);
-            for (int r = 0; r < R; ++r) acc[r][i][h % A] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][h % A]);
-          }
+    const float* xc = job.xs + m0 * job.xs_stride;
+    // One loop with the group's tables refreshed inside (see Int4Wide).
+    for (int64_t c = 0, g = 0, next_group = 0; c < job.chunks; ++c, xc += kNarrowChunk) {
+      if (c == next_group) {
+        for (int r = 0; r < R; ++r) table[r] = int4_table(groups[r], g);
+        ++g;
+        next_group += chunks_per_group;
+      }
+      __m512i v[R];
+      for (int r = 0; r < R; ++r) {
+        if (c % 4 == 0) prefetch(q[r] + c * 16);
+        v[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + c * 16)));
+      }
+      for (int h = 0; h < 2; ++h) {
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_permutexvar_ps(h ? _mm512_srli_epi32(v[r], 4) : v[r], table[r]);
+        for (int i = 0; i < M; ++i) {
+          const __m512 xv = _mm512_load_ps(xc + i * job.xs_stride + h * kLanes);
+          for (int r = 0; r < R; ++r) acc[r][i][h % A] = _mm512_fmadd_ps(wv[r], xv, acc[r][i][h % A]);
         }
       }
     }
@@ -222,13 +240,15 @@ struct Int8 {
     Acc<R, M, 1> acc;
     Acc<R, M, A> group_acc;
     zero<R, M, 1>(acc);
+    const int64_t whole_chunks = row_bytes / kInt8Chunk;  // a partial last chunk is read masked
     // Chunk c of R rows into partial sum a.
     auto chunk = [&](int64_t c, int a) __attribute__((always_inline)) {
       __m512 wv[R];
       for (int r = 0; r < R; ++r) {
-        const int64_t left = row_bytes - c * kInt8Chunk;
-        const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-        wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q[r] + c * kInt8Chunk)));
+        const int8_t* p = q[r] + c * kInt8Chunk;
+        const __m128i bytes = c < whole_chunks ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                               : _mm_maskz_loadu_epi8((1u << (row_bytes % kInt8Chunk)) - 1, p);
+        wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
       }
       const float* xc = job.xs + m0 * job.xs_stride + c * kInt8Chunk;
       for (int i = 0; i < M; ++i) {
@@ -239,7 +259,7 @@ struct Int8 {
     for (int64_t c = 0, g = 0; c < job.chunks; ++g) {
       const int64_t group_end = std::min(c + chunks_per_group, job.chunks);
       zero<R, M, A>(group_acc);
-      for (; c + A <= group_end; c += A) {
+      for (const int64_t end = std::min(group_end, whole_chunks); c + A <= end; c += A) {
         for (int r = 0; r < R; ++r) prefetch(q[r] + c * kInt8Chunk);
         for (int a = 0; a < A; ++a) chunk(c + a, a);
       }

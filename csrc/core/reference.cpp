@@ -92,4 +92,55 @@ void linear_a8(const WeightView& w, const float* x, int64_t m, const float* bias
   linear(w, xdq.data(), m, bias, y);
 }
 
+void conv2d_activations(const Conv2dShape& s, const float* x, bool quantize_input, double* xd) {
+  const int64_t image = s.in_channels * s.height * s.width;
+  std::vector<int8_t> xq(image);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const float* xb = x + b * image;
+    double* out = xd + b * image;
+    if (!quantize_input) {
+      for (int64_t i = 0; i < image; ++i) out[i] = xb[i];
+      continue;
+    }
+    const float scale = quantize_activation_row(xb, image, image, xq.data());
+    for (int64_t i = 0; i < image; ++i)
+      out[i] = std::isfinite(scale) ? xq[i] * static_cast<double>(scale) : std::numeric_limits<double>::quiet_NaN();
+  }
+}
+
+void conv2d_dense(const Conv2dShape& s, const double* x, const double* w, const double* bias, double* y) {
+  const int64_t OH = s.out_height(), OW = s.out_width(), cg = s.group_in();
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t co = 0; co < s.out_channels; ++co) {
+      const int64_t g = co / s.group_out();
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          double acc = bias ? bias[co] : 0.0;
+          for (int64_t ci = 0; ci < cg; ++ci)
+            for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+              for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+                const int64_t ih = oh * s.stride_h - s.pad_h + kh * s.dilation_h;
+                const int64_t iw = ow * s.stride_w - s.pad_w + kw * s.dilation_w;
+                if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) continue;
+                acc += x[((b * s.in_channels + g * cg + ci) * s.height + ih) * s.width + iw] *
+                       w[co * s.k() + (ci * s.kernel_h + kh) * s.kernel_w + kw];
+              }
+          y[((b * s.out_channels + co) * OH + oh) * OW + ow] = acc;
+        }
+    }
+}
+
+void conv2d(const Conv2dShape& s, const float* x, const WeightView& w, const float* bias, bool quantize_input,
+            double* y) {
+  std::vector<double> xd(s.batch * s.in_channels * s.height * s.width), wd(w.n * w.k), bd(s.out_channels);
+  conv2d_activations(s, x, quantize_input, xd.data());
+  std::vector<float> row(w.k);
+  for (int64_t n = 0; n < w.n; ++n) {
+    dequantize_row(w, n, row.data());
+    std::copy(row.begin(), row.end(), wd.begin() + n * w.k);
+  }
+  if (bias) std::copy(bias, bias + s.out_channels, bd.begin());
+  conv2d_dense(s, xd.data(), wd.data(), bias ? bd.data() : nullptr, y);
+}
+
 }  // namespace qk::ref

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "conv2d.h"
 #include "formats.h"
 
 namespace qk::ref {
@@ -23,5 +24,17 @@ void linear(const WeightView& w, const float* x, int64_t m, const float* bias, d
 
 // The same with x quantized per row first (the *_a8 ops).
 void linear_a8(const WeightView& w, const float* x, int64_t m, const float* bias, double* y);
+
+// The activations a conv multiplies, in double: x itself, or with quantize_input each image (all its channels)
+// quantized as one row, codes times scale (NaN throughout for an image holding NaN or Inf). x and xd are NCHW.
+void conv2d_activations(const Conv2dShape& s, const float* x, bool quantize_input, double* xd);
+
+// Direct convolution in double of x NCHW with w [out_channels][k], K in (cin, kh, kw) order; bias may be nullptr.
+// y: [batch][out_channels][out_h][out_w].
+void conv2d_dense(const Conv2dShape& s, const double* x, const double* w, const double* bias, double* y);
+
+// The quantized conv: conv2d_dense of conv2d_activations and the dequantized stored weight.
+void conv2d(const Conv2dShape& s, const float* x, const WeightView& w, const float* bias, bool quantize_input,
+            double* y);
 
 }  // namespace qk::ref

@@ -12,40 +12,9 @@
 #include "kernels.h"
 #include "linear_f32.h"
 #include "reference.h"
+#include "stored_weight.h"
 
 namespace {
-
-struct StoredWeight {
-  std::vector<uint8_t> qdata;
-  std::vector<float> scale;
-  std::vector<uint8_t> zero;
-  qk::WeightView view;
-};
-
-StoredWeight make_weight(std::mt19937& rng, int bits, bool symmetric, int64_t n, int64_t k, int64_t group_size) {
-  StoredWeight s;
-  qk::WeightView& v = s.view;
-  v.bits = bits;
-  v.n = n;
-  v.k = k;
-  v.group_len = qk::group_len_for(bits, k, group_size);
-  v.k_pad = qk::padded_k(bits, k, group_size);
-  s.qdata.resize(n * v.row_bytes());
-  s.scale.resize(n * v.n_groups());
-  if (!symmetric) s.zero.resize(n * v.n_groups());
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> row(k);
-  for (int64_t r = 0; r < n; ++r) {
-    for (auto& value : row) value = normal(rng);
-    if (r == 0) std::fill(row.begin(), row.end(), 0.0f);  // an all-zero row must not divide by zero
-    qk::ref::quantize_row(bits, symmetric, row.data(), k, v.k_pad, v.group_len, s.qdata.data() + r * v.row_bytes(),
-                          s.scale.data() + r * v.n_groups(), symmetric ? nullptr : s.zero.data() + r * v.n_groups());
-  }
-  v.qdata = s.qdata.data();
-  v.scale = s.scale.data();
-  v.zero_point = symmetric ? nullptr : s.zero.data();
-  return s;
-}
 
 // Round trip: every element within half a step of the original (checked on the reference quantizer itself).
 void check_round_trip(std::mt19937& rng, int bits, bool symmetric, int64_t k, int64_t group_size) {
@@ -119,7 +88,7 @@ const char* act_name(qk::ActType t) { return t == qk::ActType::f32 ? "f32" : t =
 void check_linear(qk::Isa isa, std::mt19937& rng, int bits, bool symmetric, int64_t m, int64_t n, int64_t k,
                   int64_t group_size, bool with_bias, qk::ActType x_type = qk::ActType::f32) {
   const auto& kern = qk::kernels(isa);
-  StoredWeight w = make_weight(rng, bits, symmetric, n, k, group_size);
+  qk_test::StoredWeight w = qk_test::make_weight(rng, bits, symmetric, n, k, group_size);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const Activations act = make_activations(rng, x_type, m * k);
   const std::vector<float>& x = act.values;
@@ -295,12 +264,16 @@ int main() {
           // Every number of activation rows per weight pass (1..8), and 9 (a pass of 8 and a pass of 1).
           for (int64_t m : {2, 4, 5, 6, 7, 9})
             check_linear(isa, rng, bits, symmetric, m, 23, 391, g, m % 2 == 0);
-          // bfloat16 and float16 activations, read by the kernels without a float copy.
+          // bfloat16 and float16 activations, read by the kernels without a float copy; from 2 (bf16) or 3
+          // (f16) rows the amx table runs them on tiles, 16 columns (bf16 rows, or f16 rows x 2) per pass.
           for (qk::ActType t : {qk::ActType::bf16, qk::ActType::f16})
-            for (int64_t m : {1, 5})
+            for (int64_t m : {1, 2, 3, 17})
               check_linear(isa, rng, bits, symmetric, m, 20, 300, g, true, t);
-          // More rows than one staging pass holds (K > 2048 allows fewer than 33 staged rows).
-          check_linear(isa, rng, bits, symmetric, 33, 5, 2500, g, false);
+          // More rows than one staging pass holds: K > 2048 allows fewer than 33 staged rows on the FMA
+          // kernels; the tile path stages 256 rows at a time.
+          for (qk::ActType t : {qk::ActType::f32, qk::ActType::bf16})
+            check_linear(isa, rng, bits, symmetric, 33, 3, 2100, g, false, t);
+          check_linear(isa, rng, bits, symmetric, 257, 3, 130, g, true, qk::ActType::bf16);
           // Tall inputs (a second row chunk of the a8 kernels past 256 rows), K over several 512-element blocks.
           check_linear(isa, rng, bits, symmetric, 130, 21, 1100, g, true);
           check_linear(isa, rng, bits, symmetric, 270, 5, 200, g, false);

@@ -1,11 +1,13 @@
-// CPU implementations of the quant::conv2d_* ops.
+// CPU implementations of the quant::conv2d_* ops: argument checks and tensor plumbing around qk::conv2d
+// (csrc/core/conv2d.h), which runs its phases over torch's thread pool.
+#include <functional>
+
+#include "../core/conv2d.h"
 #include "common.h"
 
 namespace qk_torch {
 namespace {
 
-// Conv as im2col into the linear kernels, one GEMM per conv group. Dynamic activations are quantized per
-// image (one scale per batch element), so every im2col row of an image carries that image's scale.
 at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero_point, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -23,8 +25,7 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   const int64_t c = x.size(1), cout = qweight.dim() > 0 ? qweight.size(0) : 0;
   TORCH_CHECK_VALUE(groups > 0 && c % groups == 0 && cout % groups == 0, "groups: got ", groups,
                     ", expected a positive divisor of in_channels=", c, " and out_channels=", cout);
-  const int64_t cg = c / groups, coutg = cout / groups;
-  const int64_t k = cg * kernel_size[0] * kernel_size[1];
+  const int64_t k = c / groups * kernel_size[0] * kernel_size[1];
   BoundWeight w(check_weight(bits, k, qweight, scale, zero_point, x.device()), qweight, scale, zero_point);
   check_bias(bias, cout, x.device());
   const int64_t batch = x.size(0), h = x.size(2), wd = x.size(3);
@@ -32,50 +33,38 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
   TORCH_CHECK_VALUE(oh > 0 && ow > 0, "x: got spatial size ", h, "x", wd, ", too small for kernel_size ",
                     kernel_size, " with padding ", padding, " and dilation ", dilation);
-  at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat));
+  // The core reads and writes float32: other dtypes are converted on the way in and out.
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
   if (batch == 0) return out.to(x.scalar_type());
+  at::Tensor xf = x.to(at::kFloat).contiguous(memory_format);
+  at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor image_scale;
-  if (quantize_input) {
-    image_scale = xf.reshape({batch, -1}).abs().amax(1) / static_cast<float>(qk::kActInt8QMax);
-    at::Tensor nan_rows = xf.reshape({batch, -1}).isnan().any(1);
-    image_scale = at::where(nan_rows, at::full_like(image_scale, NAN), image_scale);
-    at::Tensor safe = at::where(image_scale.gt(0).logical_and(image_scale.isfinite()), image_scale,
-                                at::ones_like(image_scale));
-    xf = at::round(xf / safe.view({batch, 1, 1, 1}));
-  }
-  const int64_t l = oh * ow;
-  for (int64_t g = 0; g < groups; ++g) {
-    qk::WeightView wg = w.view;
-    wg.n = coutg;
-    wg.qdata = static_cast<const uint8_t*>(w.view.qdata) + g * coutg * w.view.row_bytes();
-    wg.scale = w.view.scale + g * coutg * w.view.n_groups();
-    if (wg.zero_point) wg.zero_point = w.view.zero_point + g * coutg * w.view.n_groups();
-    at::Tensor cols = at::im2col(xf.narrow(1, g * cg, cg), kernel_size, dilation, padding, stride);  // [B, k, L]
-    at::Tensor rows = cols.transpose(1, 2).reshape({batch * l, k}).contiguous();
-    at::Tensor bias_g = bias.has_value() ? bias->narrow(0, g * coutg, coutg).to(at::kFloat).contiguous()
-                                         : at::Tensor();
-    at::Tensor y;
-    if (quantize_input) {
-      at::Tensor xq = at::zeros({batch * l, wg.k_pad}, rows.options().dtype(at::kChar));
-      xq.narrow(1, 0, k).copy_(rows);
-      at::Tensor xs = image_scale.repeat_interleave(l).contiguous();
-      y = at::empty({batch * l, coutg}, rows.options());
-      const float* bias_ptr = bias_g.defined() ? bias_g.data_ptr<float>() : nullptr;
-      const auto& kern = qk::active_kernels();
-      parallel_over_rows(coutg, [&](int64_t b, int64_t e) {
-        kern.linear_a8(wg, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), batch * l, bias_ptr, y.data_ptr<float>(), b, e);
-      });
-    } else {
-      y = run_linear(wg, rows, bias_g, false);
-    }
-    out.narrow(1, g * coutg, coutg).copy_(y.reshape({batch, oh, ow, coutg}).permute({0, 3, 1, 2}));
-  }
-  out = out.to(x.scalar_type());
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
-             ? out.contiguous(at::MemoryFormat::ChannelsLast)
-             : out;
+  qk::Conv2dShape shape;
+  shape.batch = batch;
+  shape.in_channels = c;
+  shape.height = h;
+  shape.width = wd;
+  shape.out_channels = cout;
+  shape.kernel_h = kernel_size[0];
+  shape.kernel_w = kernel_size[1];
+  shape.stride_h = stride[0];
+  shape.stride_w = stride[1];
+  shape.pad_h = padding[0];
+  shape.pad_w = padding[1];
+  shape.dilation_h = dilation[0];
+  shape.dilation_w = dilation[1];
+  shape.groups = groups;
+  qk::Parallel parallel;
+  parallel.num_threads = at::get_num_threads();
+  parallel.for_range = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    at::parallel_for(0, n, 1, body);
+  };
+  qk::conv2d(qk::active_isa(), shape, channels_last ? qk::Layout::nhwc : qk::Layout::nchw, xf.data_ptr<float>(),
+             w.view, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, quantize_input, out.data_ptr<float>(),
+             parallel);
+  return out.to(x.scalar_type());
 }
 
 at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,

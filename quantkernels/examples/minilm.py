@@ -140,6 +140,15 @@ def demo_sentences(count: int = 300) -> List[str]:
     return (_WRITTEN + templated)[:count]
 
 
+def calibration_sentences(count: int = 128) -> List[str]:
+    """Up to 240 sentences for calibrating quantization, none of them among :func:`demo_sentences`.
+
+    The demo's combinations are exactly those with action = setting (mod 4) (from i mod 16 and i mod 12);
+    shifting the action by one breaks that, so these are new sentences of the same kind.
+    """
+    return [f"{_SUBJECTS[i % 15]} {_ACTIONS[(i + 1) % 16]} {_SETTINGS[i % 12]}." for i in range(240)][:count]
+
+
 def encode(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Unit-norm sentence embeddings, float32 ``(len(texts), 384)``."""
     with torch.inference_mode():

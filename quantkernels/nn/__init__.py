@@ -8,7 +8,7 @@
 from ..config import QuantConfig
 from .modules import QuantizedConv2d, QuantizedLinear, QuantizedModule, quantize_with_sqnr, sqnr_db
 from .serialization import load_quantized, save_quantized
-from .swap import LayerReport, SwapReport, swap_to_quantized
+from .swap import LayerReport, SwapReport, plan_swap, swap_to_quantized
 
 __all__ = [
     "QuantConfig",
@@ -18,6 +18,7 @@ __all__ = [
     "quantize_with_sqnr",
     "sqnr_db",
     "swap_to_quantized",
+    "plan_swap",
     "SwapReport",
     "LayerReport",
     "save_quantized",

@@ -212,6 +212,20 @@ class QuantizedModule(nn.Module):
             quantized.set_quantized_weight(weight, module.bias)
         return quantized, sqnr
 
+    @classmethod
+    def from_quantized_with_sqnr(cls, module: nn.Module, weight: QuantizedWeight, config: Optional[QuantConfig] = None):
+        """``module`` with ``weight``, rounded elsewhere (e.g. by GPTQ) in ``config``'s format, and the SQNR in dB
+        of that weight against ``module``'s float weight."""
+        if not isinstance(module, cls.float_type):
+            raise TypeError(f"module: got {type(module).__name__}, expected an nn.{cls.float_type.__name__}")
+        quantized = cls.empty_like(module, config)
+        with torch.no_grad():
+            quantized.set_quantized_weight(weight, module.bias)
+            exact = module.weight.to(torch.float64)
+            noise = (exact - weight.dequantize(torch.float64).to(exact.device)).square().sum().item()
+            sqnr = sqnr_db(exact.square().sum().item(), noise)
+        return quantized, sqnr
+
 
 class QuantizedLinear(QuantizedModule):
     """``nn.Linear`` with a quantized weight: ``y = x W^T + b`` through ``torch.ops.quant.linear_*``."""

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import QuantConfig
-from ..formats import WEIGHT_DTYPES
+from ..formats import WEIGHT_DTYPES, QuantizedWeight
 from .modules import QuantizedConv2d, QuantizedLinear, stored_nbytes
 
 QUANTIZED_TYPES = {nn.Linear: QuantizedLinear, nn.Conv2d: QuantizedConv2d}
@@ -141,6 +141,7 @@ def swap_to_quantized(
     layer_configs: Optional[Mapping[str, Optional[QuantConfig]]] = None,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     progress: Optional[bool] = None,
+    weights: Optional[Mapping[str, QuantizedWeight]] = None,
 ) -> nn.Module:
     """Replaces ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers by :class:`QuantizedLinear` /
     :class:`QuantizedConv2d`, in place, one layer at a time, and returns the model.
@@ -151,6 +152,9 @@ def swap_to_quantized(
     layer_configs: pattern -> QuantConfig (or None to keep the layer float); the first matching pattern wins.
     filter_fn: ``filter_fn(module, name)`` returning False keeps that layer float.
     progress: a tqdm bar; None shows one for models with many layers.
+    weights: layer name -> a :class:`QuantizedWeight` rounded elsewhere (GPTQ, QAT, ...; see
+        ``quantkernels.accuracy``) to install instead of rounding to nearest; it must be in the format the layer
+        is swapped with (:func:`plan_swap` tells which), and every named layer must be swapped.
 
     Never swapped, each listed in the report with its reason: layers inside ``nn.MultiheadAttention`` (it reads
     ``out_proj.weight`` directly instead of calling the layer), weights shared by several modules (tied
@@ -158,6 +162,71 @@ def swap_to_quantized(
     cannot be quantized (dtype, NaN/Inf, meta device) and layers whose stored format would not be smaller than
     the float weight (tiny K with a large group). The :class:`SwapReport` is set as ``model.quantization_report``.
     """
+    weights = dict(weights or {})
+    plan, skip, layer_configs = _plan(model, config, bits=bits, group_size=group_size, symmetric=symmetric,
+                                      activations=activations, skip=skip, layer_configs=layer_configs,
+                                      filter_fn=filter_fn)
+    unswapped = sorted(set(weights) - {name for name, (_, layer_config) in plan.items() if layer_config is not None})
+    if unswapped:
+        raise ValueError(f"weights: got weights for {unswapped}, expected only layers that are swapped (see plan_swap)")
+    model_bytes_before = model_nbytes(model)
+    # Only names are kept across the loop: holding the float modules would keep their weights alive.
+    slots = module_slots(model)
+    show = len(plan) >= PROGRESS_MIN_LAYERS if progress is None else bool(progress)
+    layers = []
+    with torch.no_grad():
+        for name in _progress(list(plan), show):
+            module = model.get_submodule(name)
+            kind = next(t for t in QUANTIZED_TYPES if isinstance(module, t))
+            reason, layer_config = plan[name]
+            before = _float_nbytes(module)
+            if reason:
+                layers.append(LayerReport(name, kind.__name__, None, reason, before, before, None))
+                continue
+            if name in weights:
+                quantized, sqnr = QUANTIZED_TYPES[kind].from_quantized_with_sqnr(module, weights.pop(name),
+                                                                                 layer_config)
+            else:
+                quantized, sqnr = QUANTIZED_TYPES[kind].from_float_with_sqnr(module, layer_config)
+            del module  # once replaced below, nothing holds the float layer: its weight is freed before the next
+            if name:
+                replace_module(model, slots[name], quantized)
+            else:
+                model = quantized
+            layers.append(LayerReport(name, kind.__name__, layer_config, None, before, quantized.nbytes(), sqnr))
+
+    names = list(plan)
+    for pattern in skip + list(layer_configs):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            warnings.warn(f"swap_to_quantized: pattern {pattern!r} matched no Linear or Conv2d layer", stacklevel=2)
+    model.quantization_report = SwapReport(tuple(layers), model_bytes_before, model_nbytes(model))
+    return model
+
+
+def plan_swap(
+    model: nn.Module,
+    config: Optional[QuantConfig] = None,
+    *,
+    bits: Union[int, _Unset] = _UNSET,
+    group_size: Union[Optional[int], _Unset] = _UNSET,
+    symmetric: Union[bool, _Unset] = _UNSET,
+    activations: Union[Optional[str], _Unset] = _UNSET,
+    skip: Union[str, Iterable[str]] = (),
+    layer_configs: Optional[Mapping[str, Optional[QuantConfig]]] = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> Dict[str, Optional[QuantConfig]]:
+    """What :func:`swap_to_quantized` would do with the same arguments, without changing the model: each
+    ``nn.Linear`` / ``nn.Conv2d`` by name, with the config it would be swapped with (None: it stays float).
+
+    For tools that prepare layers before the swap: calibration-based rounding, QAT, sensitivity analysis.
+    """
+    plan, _, _ = _plan(model, config, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
+                       skip=skip, layer_configs=layer_configs, filter_fn=filter_fn)
+    return {name: layer_config for name, (_, layer_config) in plan.items()}
+
+
+def _plan(model, config, *, bits, group_size, symmetric, activations, skip, layer_configs, filter_fn):
+    """Checks the arguments; returns ({name: (skip reason or None, config or None)}, skip list, layer_configs)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
     default = _default_config(config, bits=bits, group_size=group_size, symmetric=symmetric, activations=activations)
@@ -168,39 +237,16 @@ def swap_to_quantized(
             raise TypeError(f"layer_configs[{pattern!r}]: got {type(value).__name__}, expected a QuantConfig or None")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: got {type(filter_fn).__name__}, expected a callable (module, name) -> bool")
-
-    model_bytes_before = model_nbytes(model)
-    # Only names are kept across the loop: holding the float modules would keep their weights alive.
-    names = [name for name, module in model.named_modules() if isinstance(module, tuple(QUANTIZED_TYPES))]
-    slots = module_slots(model)
     shared_with = _shared_weight_owners(model)
     inside_attention = {f"{name}.{attr}".lstrip(".") for name, m in model.named_modules()
                         if isinstance(m, nn.MultiheadAttention) for attr in m._modules}
-    show = len(names) >= PROGRESS_MIN_LAYERS if progress is None else bool(progress)
-    layers = []
-    with torch.no_grad():
-        for name in _progress(names, show):
-            module = model.get_submodule(name)
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(QUANTIZED_TYPES)):
             kind = next(t for t in QUANTIZED_TYPES if isinstance(module, t))
-            reason, layer_config = _skip_reason(module, name, kind, default, skip, layer_configs, filter_fn,
-                                                name in inside_attention, shared_with.get(name, []))
-            before = _float_nbytes(module)
-            if reason:
-                layers.append(LayerReport(name, kind.__name__, None, reason, before, before, None))
-                continue
-            quantized, sqnr = QUANTIZED_TYPES[kind].from_float_with_sqnr(module, layer_config)
-            del module  # once replaced below, nothing holds the float layer: its weight is freed before the next
-            if name:
-                replace_module(model, slots[name], quantized)
-            else:
-                model = quantized
-            layers.append(LayerReport(name, kind.__name__, layer_config, None, before, quantized.nbytes(), sqnr))
-
-    for pattern in skip + list(layer_configs):
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            warnings.warn(f"swap_to_quantized: pattern {pattern!r} matched no Linear or Conv2d layer", stacklevel=2)
-    model.quantization_report = SwapReport(tuple(layers), model_bytes_before, model_nbytes(model))
-    return model
+            plan[name] = _skip_reason(module, name, kind, default, skip, layer_configs, filter_fn,
+                                      name in inside_attention, shared_with.get(name, []))
+    return plan, skip, layer_configs
 
 
 def _default_config(config, **fields) -> QuantConfig:

@@ -1,0 +1,430 @@
+// conv2d (conv2d.h): picks the path and runs its phases over the caller's threads.
+#include "conv2d.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "reference.h"
+
+namespace qk {
+namespace {
+
+// Output pixels per im2col band and GEMM call. The GEMM kernels pack the weight once per call, so a band should
+// be tall enough to amortise that over many rows (256 rows: the packing is a few percent of the MACs), and small
+// enough that the band stays in L2: 256 rows x K = 4608 (3x3 over 512 channels) is 1.2 MB of int8 of a 2 MB L2.
+constexpr int64_t kBandRows = 256;
+// Output channels per task when the threads share one band (few pixels): the linear kernels' column tile.
+constexpr int64_t kColumnTile = 16;
+// Pixels x channels per transposing step (quantize NCHW to NHWC): a 16 KB float tile stays in L1.
+constexpr int64_t kPixelBlock = 64;
+constexpr int64_t kChannelBlock = 64;
+// Smallest piece of an image one thread takes the absmax of.
+constexpr int64_t kMinAbsmaxPiece = 16384;
+
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
+void run_for(const Parallel& par, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  if (n <= 0) return;
+  if (n == 1 || par.num_threads <= 1 || !par.for_range)
+    body(0, n);
+  else
+    par.for_range(n, body);
+}
+
+// A scale the quantizer can divide by. An all-zero image has scale 0 (codes all zero); an image holding NaN or
+// Inf has a non-finite one (codes zero, and every output NaN).
+bool usable(float scale) { return std::isfinite(scale) && scale > 0.0f; }
+
+// One scale per image (formats.h): absmax / 127 in float32, NaN for an image holding a NaN. Images are cut into
+// pieces so that batch 1 still spreads over every thread.
+std::vector<float> image_scales(const ConvKernels& ck, const float* x, int64_t batch, int64_t image_size,
+                                const Parallel& par) {
+  const int64_t pieces = std::clamp<int64_t>(image_size / kMinAbsmaxPiece, 1, (par.num_threads + batch - 1) / batch);
+  const int64_t piece = (image_size + pieces - 1) / pieces;
+  std::vector<float> partial(batch * pieces);
+  run_for(par, batch * pieces, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t begin = i % pieces * piece, len = std::min(piece, image_size - begin);
+      partial[i] = len > 0 ? ck.absmax(x + i / pieces * image_size + begin, len) : 0.0f;
+    }
+  });
+  std::vector<float> scales(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    float m = 0.0f;
+    for (int64_t j = 0; j < pieces; ++j) {
+      const float p = partial[b * pieces + j];
+      m = (std::isnan(p) || p > m) ? p : m;  // once NaN, stays NaN
+    }
+    scales[b] = m / static_cast<float>(kActInt8QMax);
+  }
+  return scales;
+}
+
+// xq[pixel][ld]: each image's int8 codes with channels innermost, zero in [C, ld) and for an unusable scale.
+void quantize_to_nhwc(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const float* x,
+                      const float* scales, int8_t* xq, int64_t ld, const Parallel& par) {
+  const int64_t C = s.in_channels, pixels = s.height * s.width;
+  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
+  run_for(par, s.batch * blocks, [&](int64_t u0, int64_t u1) {
+    std::unique_ptr<float[]> tile;
+    if (layout == Layout::nchw) tile = uninitialized<float>(kPixelBlock * kChannelBlock);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / blocks, p0 = u % blocks * kPixelBlock, np = std::min(kPixelBlock, pixels - p0);
+      const float scale = scales[b];
+      const float* image = x + b * C * pixels;
+      int8_t* dst = xq + (b * pixels + p0) * ld;
+      if (!usable(scale)) {
+        std::memset(dst, 0, np * ld);
+        continue;
+      }
+      if (layout == Layout::nhwc && ld == C) {
+        ck.quantize_int8(image + p0 * C, np * C, scale, dst);
+      } else if (layout == Layout::nhwc) {
+        for (int64_t p = 0; p < np; ++p) ck.quantize_int8(image + (p0 + p) * C, C, scale, dst + p * ld);
+      } else {
+        for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+          const int64_t nc = std::min(kChannelBlock, C - c0);
+          ck.transpose(image + c0 * pixels + p0, nc, np, pixels, tile.get(), nc);
+          for (int64_t p = 0; p < np; ++p) ck.quantize_int8(tile.get() + p * nc, nc, scale, dst + p * ld + c0);
+        }
+      }
+      if (ld > C)
+        for (int64_t p = 0; p < np; ++p) std::memset(dst + p * ld + C, 0, ld - C);
+    }
+  });
+}
+
+// xt[pixel][C]: the NCHW input with channels innermost.
+void transpose_to_nhwc(const ConvKernels& ck, const Conv2dShape& s, const float* x, float* xt, const Parallel& par) {
+  const int64_t C = s.in_channels, pixels = s.height * s.width;
+  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
+  run_for(par, s.batch * blocks, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / blocks, p0 = u % blocks * kPixelBlock, np = std::min(kPixelBlock, pixels - p0);
+      ck.transpose(x + b * C * pixels + p0, C, np, pixels, xt + (b * pixels + p0) * C, C);
+    }
+  });
+}
+
+// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), into `storage`. Only for one scale
+// group per row: the scale and zero point apply to the whole row, so they carry over unchanged.
+WeightView reorder_taps_major(const WeightView& w, int64_t cin, int64_t taps, std::unique_ptr<uint8_t[]>& storage,
+                              const Parallel& par) {
+  storage = uninitialized<uint8_t>(w.n * w.row_bytes());
+  run_for(par, w.n, [&](int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes(w.bits == 4 ? w.k_pad : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      uint8_t* dst = storage.get() + n * w.row_bytes();
+      if (w.bits == 8) {
+        const uint8_t* src = static_cast<const uint8_t*>(w.qdata) + n * w.k_pad;
+        for (int64_t ci = 0; ci < cin; ++ci)
+          for (int64_t t = 0; t < taps; ++t) dst[t * cin + ci] = src[ci * taps + t];
+        std::memcpy(dst + w.k, src + w.k, w.k_pad - w.k);
+      } else {
+        for (int64_t ci = 0; ci < cin; ++ci)
+          for (int64_t t = 0; t < taps; ++t) codes[t * cin + ci] = static_cast<uint8_t>(w.code(n, ci * taps + t));
+        for (int64_t i = w.k; i < w.k_pad; ++i) codes[i] = static_cast<uint8_t>(w.code(n, i));
+        for (int64_t j = 0; j < w.k_pad / 2; ++j) dst[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
+      }
+    }
+  });
+  WeightView out = w;
+  out.qdata = storage.get();
+  return out;
+}
+
+// The convolution as GEMMs over NHWC activations of element type T: int8 codes (dynamic activations, through
+// linear_a8) or float (weight-only, through linear_f32).
+template <typename T>
+struct GemmConv {
+  const Conv2dShape& s;
+  Layout layout;
+  const LinearKernels& lk;
+  const ConvKernels& ck;
+  WeightView w;              // K in (kh, kw, cin) order when taps_major, else the stored (cin, kh, kw)
+  bool taps_major;
+  const T* in;               // NHWC activations, ld_in elements per pixel
+  int64_t ld_in;
+  bool direct;               // 1x1, stride 1, unpadded, one group: the GEMM rows are `in` itself
+  int64_t row_len;           // elements per GEMM row: w.k_pad for int8 (zero past w.k), w.k for float
+  const float* image_scale;  // [batch], int8 only
+  const float* bias;
+  float* out;
+
+  int64_t out_pixels() const { return s.out_height() * s.out_width(); }
+  // Groups == 1 into NHWC: the GEMM's [pixel][channel] rows are the output itself.
+  bool writes_out() const { return s.groups == 1 && layout == Layout::nhwc; }
+
+  WeightView group_weight(int64_t g) const {
+    WeightView wg = w;
+    const int64_t rows = s.group_out();
+    wg.n = rows;
+    wg.qdata = static_cast<const uint8_t*>(w.qdata) + g * rows * w.row_bytes();
+    wg.scale = w.scale + g * rows * w.n_groups();
+    if (w.zero_point) wg.zero_point = w.zero_point + g * rows * w.n_groups();
+    return wg;
+  }
+
+  void gemm(int64_t g, const T* rows, int64_t m, const float* row_scale, float* y, int64_t n0, int64_t n1) const {
+    const float* bias_g = bias ? bias + g * s.group_out() : nullptr;
+    if constexpr (std::is_same_v<T, int8_t>)
+      lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1);
+    else
+      lk.linear_f32(group_weight(g), rows, ActType::f32, m, bias_g, y, n0, n1);
+  }
+
+  void fill_scales(int64_t r0, int64_t r1, float* dst) const {
+    if constexpr (std::is_same_v<T, int8_t>)
+      for (int64_t r = r0; r < r1; ++r) dst[r - r0] = image_scale[r / out_pixels()];
+  }
+
+  // GEMM rows [r0, r1) of group g into rows[r - r0][row_len]: for each tap, that group's channels of the input
+  // pixel under it, or zeros where the tap falls in the padding.
+  void im2col(int64_t g, int64_t r0, int64_t r1, T* rows) const {
+    const int64_t OW = s.out_width(), cg = s.group_in(), taps = s.taps(), k = s.k();
+    // Taps of one kernel row read neighbouring pixels: with dilation 1 and the pixels' channels adjacent
+    // (one group), a whole kernel row is one contiguous copy.
+    const bool row_runs = taps_major && s.dilation_w == 1 && cg == ld_in;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / out_pixels(), oh = r % out_pixels() / OW, ow = r % OW;
+      T* dst = rows + (r - r0) * row_len;
+      const T* image = in + b * s.height * s.width * ld_in + g * cg;
+      for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+        const int64_t ih = oh * s.stride_h - s.pad_h + kh * s.dilation_h;
+        const int64_t iw0 = ow * s.stride_w - s.pad_w;
+        const bool row_inside = ih >= 0 && ih < s.height;
+        if (row_runs && row_inside && iw0 >= 0 && iw0 + s.kernel_w <= s.width) {
+          std::memcpy(dst + kh * s.kernel_w * cg, image + (ih * s.width + iw0) * ld_in, s.kernel_w * cg * sizeof(T));
+          continue;
+        }
+        for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+          const int64_t iw = iw0 + kw * s.dilation_w, t = kh * s.kernel_w + kw;
+          const T* src = row_inside && iw >= 0 && iw < s.width ? image + (ih * s.width + iw) * ld_in : nullptr;
+          if (taps_major) {
+            if (src)
+              std::memcpy(dst + t * cg, src, cg * sizeof(T));
+            else
+              std::memset(dst + t * cg, 0, cg * sizeof(T));
+          } else {
+            for (int64_t ci = 0; ci < cg; ++ci) dst[ci * taps + t] = src ? src[ci] : T(0);
+          }
+        }
+      }
+      std::memset(dst + k, 0, (row_len - k) * sizeof(T));
+    }
+  }
+
+  // GEMM results y[r - r0][group_out] of rows [r0, r1) into the output channels of group g.
+  void store(const float* y, int64_t r0, int64_t r1, int64_t g) const {
+    const int64_t ng = s.group_out(), c0 = g * ng, opix = out_pixels();
+    if (layout == Layout::nhwc) {
+      for (int64_t r = r0; r < r1; ++r)
+        std::memcpy(out + r * s.out_channels + c0, y + (r - r0) * ng, ng * sizeof(float));
+      return;
+    }
+    for (int64_t r = r0; r < r1;) {  // one transpose per image the rows touch
+      const int64_t b = r / opix, q = r % opix, len = std::min(r1 - r, opix - q);
+      ck.transpose(y + (r - r0) * ng, len, ng, ng, out + (b * s.out_channels + c0) * opix + q, opix);
+      r += len;
+    }
+  }
+
+  void run(const Parallel& par) const {
+    const int64_t M = s.batch * out_pixels(), ng = s.group_out();
+    const int64_t threads = std::max<int64_t>(1, par.num_threads);
+    int64_t bands = (M + kBandRows - 1) / kBandRows;
+    if (bands >= threads || threads == 1) {
+      // Each thread takes whole bands: im2col, GEMM over every output channel, store, while the band is in cache.
+      bands = (bands + threads - 1) / threads * threads;  // balanced: every thread gets the same number of rows
+      const int64_t band = (M + bands - 1) / bands;
+      bands = (M + band - 1) / band;
+      run_for(par, bands, [&](int64_t i0, int64_t i1) {
+        std::unique_ptr<T[]> rows_buf = direct ? nullptr : uninitialized<T>(band * row_len);
+        std::unique_ptr<float[]> y_buf = writes_out() ? nullptr : uninitialized<float>(band * ng);
+        std::unique_ptr<float[]> scale_buf = uninitialized<float>(band);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r0 = i * band, r1 = std::min(M, r0 + band);
+          fill_scales(r0, r1, scale_buf.get());
+          for (int64_t g = 0; g < s.groups; ++g) {
+            const T* rows = in + r0 * ld_in;
+            if (!direct) {
+              im2col(g, r0, r1, rows_buf.get());
+              rows = rows_buf.get();
+            }
+            float* y = writes_out() ? out + r0 * s.out_channels : y_buf.get();
+            gemm(g, rows, r1 - r0, scale_buf.get(), y, 0, ng);
+            if (!writes_out()) store(y, r0, r1, g);
+          }
+        }
+      });
+      return;
+    }
+    // Few pixels (late layers at small batch): the threads share all rows and split the output channels.
+    std::unique_ptr<T[]> rows_buf = direct ? nullptr : uninitialized<T>(M * row_len);
+    std::unique_ptr<float[]> y_buf = writes_out() ? nullptr : uninitialized<float>(M * ng);
+    std::unique_ptr<float[]> scale_buf = uninitialized<float>(M);
+    fill_scales(0, M, scale_buf.get());
+    const T* rows = direct ? in : rows_buf.get();
+    float* y = writes_out() ? out : y_buf.get();
+    const int64_t pixel_blocks = (M + kPixelBlock - 1) / kPixelBlock;
+    for (int64_t g = 0; g < s.groups; ++g) {
+      if (!direct)
+        run_for(par, pixel_blocks, [&](int64_t i0, int64_t i1) {
+          const int64_t r0 = i0 * kPixelBlock, r1 = std::min(M, i1 * kPixelBlock);
+          im2col(g, r0, r1, rows_buf.get() + r0 * row_len);
+        });
+      run_for(par, (ng + kColumnTile - 1) / kColumnTile, [&](int64_t t0, int64_t t1) {
+        gemm(g, rows, M, scale_buf.get(), y, t0 * kColumnTile, std::min(ng, t1 * kColumnTile));
+      });
+      if (!writes_out())
+        run_for(par, pixel_blocks, [&](int64_t i0, int64_t i1) {
+          const int64_t r0 = i0 * kPixelBlock, r1 = std::min(M, i1 * kPixelBlock);
+          store(y + r0 * ng, r0, r1, g);
+        });
+    }
+  }
+};
+
+// Depthwise: every channel convolved with its own kh x kw filter, dequantized to float here (C x kh x kw
+// values). Dynamic activations run on the codes as floats (exact small integers), scaled by the image's scale at
+// the end: the same products as the reference, summed in float32.
+void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const float* x, const WeightView& w,
+               const float* bias, const float* scales, float* out, const Parallel& par) {
+  const int64_t C = s.in_channels, taps = s.taps(), H = s.height, W = s.width;
+  const int64_t OH = s.out_height(), OW = s.out_width();
+  std::vector<float> filters(C * taps);  // [C][taps]
+  for (int64_t c = 0; c < C; ++c) ref::dequantize_row(w, c, filters.data() + c * taps);
+
+  if (layout == Layout::nchw) {
+    const int64_t padded_h = H + 2 * s.pad_h, padded_w = W + 2 * s.pad_w;
+    DepthwisePlane plane;
+    plane.phase_len = (padded_w + s.stride_w - 1) / s.stride_w + kDepthwisePlaneSlack;
+    plane.row_stride = s.stride_w * plane.phase_len;
+    plane.out_h = OH;
+    plane.out_w = OW;
+    plane.kernel_h = s.kernel_h;
+    plane.kernel_w = s.kernel_w;
+    plane.stride_h = s.stride_h;
+    plane.stride_w = s.stride_w;
+    plane.dilation_h = s.dilation_h;
+    plane.dilation_w = s.dilation_w;
+    run_for(par, s.batch * C, [&](int64_t i0, int64_t i1) {
+      // Padding positions are never written: zero once, for every plane this thread stages.
+      std::vector<float> staged(padded_h * plane.row_stride, 0.0f), row(W);
+      DepthwisePlane p = plane;
+      p.buf = staged.data();
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / C, c = i % C;
+        const float scale = scales ? scales[b] : 1.0f;
+        const float* src_plane = x + i * H * W;
+        for (int64_t ih = 0; ih < H; ++ih) {
+          const float* src = src_plane + ih * W;
+          float* dst = staged.data() + (ih + s.pad_h) * plane.row_stride;
+          // Stride 1 stages straight into place; other strides stage the row, then deal it into its phases.
+          float* values = s.stride_w == 1 ? dst + s.pad_w : row.data();
+          if (!scales)
+            std::memcpy(values, src, W * sizeof(float));
+          else if (usable(scale))
+            ck.quantize_f32(src, W, scale, values);
+          else
+            std::fill(values, values + W, 0.0f);
+          if (s.stride_w > 1)
+            for (int64_t iw = 0; iw < W; ++iw) {
+              const int64_t j = iw + s.pad_w;
+              dst[j % s.stride_w * plane.phase_len + j / s.stride_w] = values[iw];
+            }
+        }
+        ck.depthwise_plane(p, filters.data() + c * taps, scale, bias ? bias[c] : 0.0f, out + i * OH * OW);
+      }
+    });
+    return;
+  }
+
+  std::vector<float> filters_tc(taps * C);  // [taps][C]: a tap's weights for consecutive channels
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < taps; ++t) filters_tc[t * C + c] = filters[c * taps + t];
+  const int64_t image = H * W * C;
+  const float* input = x;
+  std::unique_ptr<float[]> codes;
+  if (scales) {  // the codes as floats, once per element rather than once per tap
+    codes = uninitialized<float>(s.batch * image);
+    const int64_t blocks = (H * W + kPixelBlock - 1) / kPixelBlock;
+    run_for(par, s.batch * blocks, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / blocks, p0 = u % blocks * kPixelBlock, n = std::min(kPixelBlock, H * W - p0) * C;
+        float* dst = codes.get() + b * image + p0 * C;
+        if (usable(scales[b]))
+          ck.quantize_f32(x + b * image + p0 * C, n, scales[b], dst);
+        else
+          std::fill(dst, dst + n, 0.0f);
+      }
+    });
+    input = codes.get();
+  }
+  run_for(par, s.batch * OH, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / OH, oh = i % OH;
+      ck.depthwise_nhwc(s, input + b * image, filters_tc.data(), bias, scales ? scales[b] : 1.0f,
+                        out + b * OH * OW * C, oh, oh + 1);
+    }
+  });
+}
+
+}  // namespace
+
+const ConvKernels& conv_kernels(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return avx512_conv_kernels();
+    case Isa::avx2: return avx2_conv_kernels();
+    case Isa::portable: break;
+  }
+  return portable_conv_kernels();
+}
+
+void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const WeightView& w, const float* bias,
+            bool quantize_input, float* out, const Parallel& par) {
+  if (s.batch == 0) return;
+  const ConvKernels& ck = conv_kernels(isa);
+  std::vector<float> scales;
+  if (quantize_input) scales = image_scales(ck, x, s.batch, s.in_channels * s.height * s.width, par);
+  if (s.depthwise()) {
+    depthwise(ck, s, layout, x, w, bias, quantize_input ? scales.data() : nullptr, out, par);
+    return;
+  }
+  const bool direct = s.taps() == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
+                      s.groups == 1;
+  const bool taps_major = s.taps() == 1 || w.n_groups() == 1;
+  WeightView weight = w;
+  std::unique_ptr<uint8_t[]> reordered;
+  if (s.taps() > 1 && taps_major) weight = reorder_taps_major(w, s.group_in(), s.taps(), reordered, par);
+  const int64_t pixels = s.batch * s.height * s.width;
+
+  if (quantize_input) {
+    const int64_t ld = direct ? w.k_pad : s.in_channels;  // direct: the rows must carry the GEMM's zero padding
+    std::unique_ptr<int8_t[]> xq = uninitialized<int8_t>(pixels * ld);
+    quantize_to_nhwc(ck, s, layout, x, scales.data(), xq.get(), ld, par);
+    GemmConv<int8_t>{s, layout, kernels(isa), ck, weight, taps_major, xq.get(), ld, direct, w.k_pad,
+                     scales.data(), bias, out}
+        .run(par);
+    return;
+  }
+  const float* nhwc = x;
+  std::unique_ptr<float[]> transposed;
+  if (layout == Layout::nchw) {
+    transposed = uninitialized<float>(pixels * s.in_channels);
+    transpose_to_nhwc(ck, s, x, transposed.get(), par);
+    nhwc = transposed.get();
+  }
+  GemmConv<float>{s, layout, kernels(isa), ck, weight, taps_major, nhwc, s.in_channels, direct, w.k, nullptr, bias,
+                  out}
+      .run(par);
+}
+
+}  // namespace qk

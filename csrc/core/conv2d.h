@@ -1,0 +1,98 @@
+// Quantized conv2d on CPU, torch-free. One entry point, conv2d(), picks the path:
+//
+//   depthwise (groups == in_channels == out_channels, any kernel): direct convolution with the weight
+//     dequantized per call (C x kh x kw floats), no GEMM;
+//   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
+//   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
+//
+// Dynamic int8 activations (quantize_input): one symmetric scale per image (formats.h), the image quantized once
+// to int8 NHWC, then the integer GEMM (LinearKernels::linear_a8) with every im2col row carrying its image's scale.
+// Weight-only: float NHWC activations into LinearKernels::linear_f32.
+//
+// GEMM rows must list K in the stored weight's order, (cin, kh, kw). From NHWC that is a gather, so a weight with
+// one scale group per output channel is reordered per call to (kh, kw, cin) (a permutation of each row, which
+// keeps the one scale valid) and each im2col row is then kh*kw contiguous copies of cin values. A weight with
+// several groups along K cannot be reordered (its groups would no longer be contiguous): im2col gathers instead.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "formats.h"
+#include "kernels.h"
+
+namespace qk {
+
+// Memory layout of the 4-D activation and of the output (which takes the input's): NCHW or NHWC (channels_last),
+// both dense.
+enum class Layout : int { nchw = 0, nhwc = 1 };
+
+struct Conv2dShape {
+  int64_t batch = 0, in_channels = 0, height = 0, width = 0, out_channels = 0;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
+  int64_t dilation_h = 1, dilation_w = 1, groups = 1;
+
+  int64_t out_height() const { return (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1; }
+  int64_t out_width() const { return (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
+  int64_t taps() const { return kernel_h * kernel_w; }
+  int64_t group_in() const { return in_channels / groups; }
+  int64_t group_out() const { return out_channels / groups; }
+  // K of the GEMM: one group's input channels times the kernel taps.
+  int64_t k() const { return group_in() * taps(); }
+  bool depthwise() const { return groups == in_channels && groups == out_channels; }
+};
+
+// How the caller runs work in parallel: torch's thread pool in the binding, a plain loop in the native tests.
+struct Parallel {
+  int64_t num_threads = 1;
+  // Calls body(begin, end) on disjoint ranges that cover [0, n), possibly concurrently.
+  std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& body)> for_range;
+};
+
+// out = conv2d(x, W) + bias, in float32, on the kernels of `isa`.
+//   x:    float [batch][in_channels][height][width] in `layout` (NHWC: [batch][height][width][in_channels]).
+//   w:    the stored weight, w.n = out_channels, w.k = shape.k() in (cin, kh, kw) order.
+//   bias: float [out_channels] or nullptr.
+//   out:  float [batch][out_channels][out_h][out_w] in `layout`.
+// The caller has checked the shapes (the binding does, message for message with quantkernels/ops.py).
+void conv2d(Isa isa, const Conv2dShape& shape, Layout layout, const float* x, const WeightView& w, const float* bias,
+            bool quantize_input, float* out, const Parallel& parallel);
+
+// One NCHW plane of a depthwise conv, staged with its zero padding and split by the horizontal stride: padded
+// column j of padded row i is at buf[i * row_stride + (j % stride_w) * phase_len + j / stride_w], so that the
+// inputs of consecutive output columns are consecutive floats for every tap.
+struct DepthwisePlane {
+  const float* buf = nullptr;
+  int64_t row_stride = 0, phase_len = 0;
+  int64_t out_h = 0, out_w = 0, kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1;
+  int64_t dilation_h = 1, dilation_w = 1;
+};
+// Floats a depthwise kernel may read past the last column of a phase (one vector, lanes it then discards).
+constexpr int64_t kDepthwisePlaneSlack = 16;
+
+// The per-ISA data-movement and depthwise kernels conv2d is built from: one source (conv2d_simd.inc) compiled
+// once per instruction set, at that set's vector width.
+struct ConvKernels {
+  const char* name;
+  // max |x[i]| over n floats; NaN if any x[i] is NaN (the per-image absmax of formats.h).
+  float (*absmax)(const float* x, int64_t n);
+  // out[i] = nearbyint(x[i] / scale) with a float32 division, for a finite scale > 0 (|x[i]| <= 127 * scale).
+  void (*quantize_int8)(const float* x, int64_t n, float scale, int8_t* out);
+  void (*quantize_f32)(const float* x, int64_t n, float scale, float* out);
+  // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols.
+  void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
+  // out[oh][ow] = scale * sum_{kh,kw} w[kh * kernel_w + kw] * plane(oh * stride_h + kh * dilation_h,
+  //                                                                 ow * stride_w + kw * dilation_w) + bias.
+  void (*depthwise_plane)(const DepthwisePlane& p, const float* w, float scale, float bias, float* out);
+  // Output rows [oh_begin, oh_end) of one NHWC image: out[oh][ow][c] = scale * sum_{kh,kw} w_tc[kh][kw][c] *
+  // x[ih][iw][c] (taps inside the image) + bias[c]. w_tc: float [taps][C]; bias: float [C] or nullptr.
+  void (*depthwise_nhwc)(const Conv2dShape& s, const float* x, const float* w_tc, const float* bias, float scale,
+                         float* out, int64_t oh_begin, int64_t oh_end);
+};
+
+const ConvKernels& conv_kernels(Isa isa);
+const ConvKernels& portable_conv_kernels();
+const ConvKernels& avx2_conv_kernels();
+const ConvKernels& avx512_conv_kernels();
+
+}  // namespace qk
