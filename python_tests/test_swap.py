@@ -15,7 +15,7 @@ import quantkernels
 from quantkernels import QuantConfig, reference, swap_to_quantized
 from quantkernels.formats import quantize_weight
 from quantkernels.nn import (QuantizedConv2d, QuantizedLinear, SwapReport, load_quantized, quantize_with_sqnr,
-                             save_quantized)
+                             save_quantized, weight_sqnr_db)
 from quantkernels.testing import assert_close_to_reference, linear_bound
 
 CONFIGS = [
@@ -119,6 +119,7 @@ def test_blocked_quantization_equals_whole_tensor(rng):
         assert torch.equal(getattr(blocked, name), getattr(whole, name)), name
     noise = (w.double() - whole.dequantize(torch.float64)).square().sum()
     assert sqnr == pytest.approx(10 * torch.log10(w.double().square().sum() / noise).item(), rel=1e-9)
+    assert weight_sqnr_db(w, whole) == pytest.approx(sqnr, rel=1e-12)  # the same measure for any rounding
 
 
 def test_linear_non_contiguous_and_batched_inputs(isa, rng):
