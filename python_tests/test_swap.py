@@ -15,7 +15,7 @@ import quantkernels
 from quantkernels import QuantConfig, reference, swap_to_quantized
 from quantkernels.formats import quantize_weight
 from quantkernels.nn import (QuantizedConv2d, QuantizedLinear, SwapReport, load_quantized, quantize_with_sqnr,
-                             save_quantized)
+                             save_quantized, weight_sqnr_db)
 from quantkernels.testing import assert_close_to_reference, linear_bound
 
 CONFIGS = [
@@ -119,6 +119,7 @@ def test_blocked_quantization_equals_whole_tensor(rng):
         assert torch.equal(getattr(blocked, name), getattr(whole, name)), name
     noise = (w.double() - whole.dequantize(torch.float64)).square().sum()
     assert sqnr == pytest.approx(10 * torch.log10(w.double().square().sum() / noise).item(), rel=1e-9)
+    assert weight_sqnr_db(w, whole) == pytest.approx(sqnr, rel=1e-12)  # the same measure for any rounding
 
 
 def test_linear_non_contiguous_and_batched_inputs(isa, rng):
@@ -144,6 +145,13 @@ def test_to_dtype_keeps_scales_float32(dtype, rng):
     assert q.half().scale.dtype == torch.float32 and q.float().bias.dtype == torch.float32
 
 
+def test_bfloat16_model_swaps_and_runs(rng):
+    linear = seeded(lambda: nn.Linear(160, 24), rng).to(torch.bfloat16)
+    model = swap_to_quantized(nn.Sequential(copy.deepcopy(linear)), bits=4, group_size=32)
+    assert model[0].bias.dtype == torch.bfloat16 and model[0].scale.dtype == torch.float32
+    check_against_twin(linear, model[0], torch.randn(3, 160, generator=rng).to(torch.bfloat16))
+
+
 CONV_CASES = [
     # (cin, cout, kernel, stride, padding, dilation, groups, padding_mode)
     (3, 8, 3, 1, 1, 1, 1, "zeros"),
@@ -157,10 +165,11 @@ CONV_CASES = [
 ]
 
 
+# Padding happens in Python before the op, the same on every ISA path (test_conv2d.py covers the op on each).
 @pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(bits=4, group_size=32, symmetric=False)],
                          ids=QuantConfig.describe)
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_matches_float_conv_with_dequantized_weight(isa, config, case, rng):
+def test_conv2d_matches_float_conv_with_dequantized_weight(config, case, rng):
     cin, cout, kernel, stride, padding, dilation, groups, mode = case
     conv = seeded(lambda: nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias=cin != 5,
                                     padding_mode=mode), rng)

@@ -37,7 +37,7 @@ def main() -> None:
     reference = minilm.encode(fp32, sentences)
     batch = sentences[:: len(sentences) // LATENCY_BATCH][:LATENCY_BATCH]
     print(f"all-MiniLM-L6-v2: {len(sentences)} sentences, WordSim-353 ({len(pairs)} pairs), latency of one batch "
-          f"of {len(batch)} sentences (median of 7); CPU kernels {active_isa()}, {torch.get_num_threads()} threads")
+          f"of {len(batch)} sentences (median of 7); CPU kernels {active_isa()}, {_threads()}")
 
     rows = [("fp32", fp32, None)]
     for name, config in SETTINGS.items():
@@ -74,6 +74,11 @@ def main() -> None:
                                                     for config, target in minilm.TARGETS.items()))
     print(f"linear MB: the quantized Linear layers (the 30522x384 word embeddings stay float); "
           f"done in {time.perf_counter() - start:.0f} s")
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread" if n == 1 else f"{n} threads"
 
 
 def _linear_bytes(model) -> int:

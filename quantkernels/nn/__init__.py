@@ -6,7 +6,7 @@
 """
 
 from ..config import QuantConfig
-from .modules import QuantizedConv2d, QuantizedLinear, QuantizedModule, quantize_with_sqnr, sqnr_db
+from .modules import QuantizedConv2d, QuantizedLinear, QuantizedModule, quantize_with_sqnr, sqnr_db, weight_sqnr_db
 from .serialization import load_quantized, save_quantized
 from .swap import LayerReport, SwapReport, plan_swap, swap_to_quantized
 
@@ -17,6 +17,7 @@ __all__ = [
     "QuantizedConv2d",
     "quantize_with_sqnr",
     "sqnr_db",
+    "weight_sqnr_db",
     "swap_to_quantized",
     "plan_swap",
     "SwapReport",

@@ -37,27 +37,51 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     return 10.0 * math.log10(signal_energy / noise_energy) if signal_energy > 0 else -math.inf
 
 
-def quantize_with_sqnr(weight: torch.Tensor, config: QuantConfig) -> Tuple[QuantizedWeight, float]:
+def quantize_with_sqnr(weight: torch.Tensor, config: QuantConfig,
+                       out: Optional[QuantizedWeight] = None) -> Tuple[QuantizedWeight, float]:
     """``config.quantize(weight)`` computed in blocks of rows, with the SQNR in dB of the result against ``weight``.
 
     Scale groups run along a row, so row blocks quantize independently and fill the whole-tensor result
-    exactly. The result is allocated once up front: blocks' temporaries then reuse the same freed memory
-    instead of fragmenting the heap around pieces of the result (see :data:`BLOCK_ELEMENTS`).
+    exactly. The result is allocated once up front (or is ``out``, e.g. a module's zero buffers of the right
+    layout): blocks' temporaries then reuse the same freed memory instead of fragmenting the heap around
+    pieces of the result (see :data:`BLOCK_ELEMENTS`).
     """
     weight = weight.detach()
-    stored = _zero_stored_weight(weight.shape, config, weight.device)
-    rows = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
+    stored = _zero_stored_weight(weight.shape, config, weight.device) if out is None else out
     signal, noise = 0.0, 0.0
-    for start in range(0, weight.shape[0], rows):
-        exact = weight[start : start + rows]
-        block = config.quantize(exact)
+    for rows in _row_blocks(weight):
+        block = config.quantize(weight[rows])
         for name in STORED_TENSORS:
             if getattr(block, name) is not None:
-                getattr(stored, name)[start : start + rows] = getattr(block, name)
-        exact64 = exact.to(torch.float64)
-        signal += exact64.square().sum().item()
-        noise += (exact64 - block.dequantize(torch.float64)).square().sum().item()
+                getattr(stored, name)[rows] = getattr(block, name)
+        block_signal, block_noise = _error_energies(weight[rows], block)
+        signal, noise = signal + block_signal, noise + block_noise
     return stored, sqnr_db(signal, noise)
+
+
+def weight_sqnr_db(weight: torch.Tensor, stored: QuantizedWeight) -> float:
+    """SQNR in dB of ``stored`` (rounded by any method) against the float ``weight``, a block of rows at a time."""
+    signal, noise = 0.0, 0.0
+    for rows in _row_blocks(weight):
+        zero_point = None if stored.zero_point is None else stored.zero_point[rows]
+        block = dataclasses.replace(stored, shape=tuple(weight[rows].shape), qdata=stored.qdata[rows],
+                                    scale=stored.scale[rows], zero_point=zero_point)
+        block_signal, block_noise = _error_energies(weight[rows].detach(), block)
+        signal, noise = signal + block_signal, noise + block_noise
+    return sqnr_db(signal, noise)
+
+
+def _row_blocks(weight: torch.Tensor):
+    """Slices of about :data:`BLOCK_ELEMENTS` weights, whole rows each."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel()))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
+
+
+def _error_energies(exact: torch.Tensor, block: QuantizedWeight) -> Tuple[float, float]:
+    """(sum of exact^2, sum of (exact - dequantized)^2) in float64."""
+    exact64 = exact.to(torch.float64)
+    dequantized = block.dequantize(torch.float64).to(exact64.device)
+    return exact64.square().sum().item(), (exact64 - dequantized).square().sum().item()
 
 
 def _zero_stored_weight(shape, config: QuantConfig, device) -> QuantizedWeight:
@@ -206,12 +230,13 @@ class QuantizedModule(nn.Module):
             raise TypeError(f"module: got {type(module).__name__}, expected an nn.{cls.float_type.__name__}")
         quantized = cls.empty_like(module, config)
         with torch.no_grad():
-            weight, sqnr = quantize_with_sqnr(module.weight, quantized.config)
+            weight, sqnr = quantize_with_sqnr(module.weight, quantized.config, out=quantized.quantized_weight())
             quantized.set_quantized_weight(weight, module.bias)
         return quantized, sqnr
 
     @classmethod
-    def from_quantized_with_sqnr(cls, module: nn.Module, weight: QuantizedWeight, config: Optional[QuantConfig] = None):
+    def from_quantized_with_sqnr(cls, module: nn.Module, weight: QuantizedWeight,
+                                 config: Optional[QuantConfig] = None):
         """``module`` with ``weight``, rounded elsewhere (e.g. by GPTQ) in ``config``'s format, and the SQNR in dB
         of that weight against ``module``'s float weight."""
         if not isinstance(module, cls.float_type):
@@ -219,10 +244,7 @@ class QuantizedModule(nn.Module):
         quantized = cls.empty_like(module, config)
         with torch.no_grad():
             quantized.set_quantized_weight(weight, module.bias)
-            exact = module.weight.to(torch.float64)
-            noise = (exact - weight.dequantize(torch.float64).to(exact.device)).square().sum().item()
-            sqnr = sqnr_db(exact.square().sum().item(), noise)
-        return quantized, sqnr
+        return quantized, weight_sqnr_db(module.weight, weight)
 
 
 class QuantizedLinear(QuantizedModule):

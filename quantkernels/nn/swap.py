@@ -48,7 +48,8 @@ class LayerReport:
 
 @dataclasses.dataclass(frozen=True)
 class SwapReport:
-    """What :func:`swap_to_quantized` did; ``str(report)`` is a table. Set as ``model.quantization_report``."""
+    """What one :func:`swap_to_quantized` call did; ``str(report)`` is a table. The call sets it as
+    ``model.quantization_report`` (a later call on the same model replaces it with its own)."""
 
     layers: Tuple[LayerReport, ...]
     model_bytes_before: int  # all parameters and buffers (shared tensors once)
@@ -187,13 +188,12 @@ def swap_to_quantized(
                                                                                  layer_config)
             else:
                 quantized, sqnr = QUANTIZED_TYPES[kind].from_float_with_sqnr(module, layer_config)
-            del module
+            del module  # once replaced below, nothing holds the float layer: its weight is freed before the next
             if name:
                 replace_module(model, slots[name], quantized)
             else:
                 model = quantized
             layers.append(LayerReport(name, kind.__name__, layer_config, None, before, quantized.nbytes(), sqnr))
-            del quantized
 
     names = list(plan)
     for pattern in skip + list(layer_configs):
