@@ -115,7 +115,10 @@ def memory_bandwidth(request) -> Optional[float]:
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """The facts the report needs about the machine and the run, beside pytest-benchmark's own."""
+    import quantkernels
+
     output_json["quantkernels"] = dict(
+        isa=quantkernels.active_isa(),
         cpu_model=cpu_model(),
         cpu_flags=cpu_flags(),
         torch_threads=torch.get_num_threads(),

@@ -28,6 +28,8 @@ class Run:
         self.facts = data.get("quantkernels", {})
         self.machine = data.get("machine_info", {})
         self.datetime = data.get("datetime", "")
+        commit = data.get("commit_info", {})
+        self.commit = (commit.get("id") or "unknown")[:12] + (" (with uncommitted changes)" if commit.get("dirty") else "")
         self.benchmarks = [b for b in data["benchmarks"] if "impl" in b.get("extra_info", {})]
         self.by_group = defaultdict(dict)
         for b in self.benchmarks:
@@ -72,7 +74,8 @@ def header(run: Run) -> list:
         "# quantkernels benchmark report",
         "",
         f"- CPU: {cpu} ({f.get('cpu_flags', 'flags unknown')}); torch {f.get('torch_version', '?')} on "
-        f"{f.get('torch_threads', '?')} threads; run {run.datetime}",
+        f"{f.get('torch_threads', '?')} threads; quantkernels on its {f.get('isa', '?')} path",
+        f"- Run {run.datetime} at commit {run.commit}",
     ]
     if "bandwidth_GBps" in f:
         lines.append(
