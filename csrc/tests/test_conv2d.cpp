@@ -59,15 +59,23 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
     }
   }
   for (int64_t rows : {1, 15, 16, 17, 33})
-    for (int64_t cols : {1, 8, 16, 19}) {
+    for (int64_t cols : {1, 8, 16, 19, 40}) {
       const int64_t ld_src = cols + 3, ld_dst = rows + 5;
       std::vector<float> src(rows * ld_src), dst(cols * ld_dst, kNaN);
       for (auto& v : src) v = normal(rng);
+      std::vector<int8_t> codes(cols * ld_dst, 99);
+      float absmax = 0.0f;
+      for (float v : src) absmax = std::max(absmax, std::fabs(v));
+      const float scale = absmax / 127.0f;
       ck.transpose(src.data(), rows, cols, ld_src, dst.data(), ld_dst);
+      ck.quantize_transposed(src.data(), rows, cols, ld_src, scale, codes.data(), ld_dst);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c)
+        for (int64_t c = 0; c < cols; ++c) {
           CHECK(dst[c * ld_dst + r] == src[r * ld_src + c], "%s transpose %ldx%ld at (%ld, %ld)", ck.name,
                 (long)rows, (long)cols, (long)r, (long)c);
+          CHECK(codes[c * ld_dst + r] == std::nearbyint(src[r * ld_src + c] / scale),
+                "%s quantize_transposed %ldx%ld at (%ld, %ld)", ck.name, (long)rows, (long)cols, (long)r, (long)c);
+        }
     }
 }
 
@@ -177,6 +185,7 @@ const Case kCases[] = {
     {2, 12, 6, 6, 7, 3, 1, 1, 2, 1, 0, 1, 1, 3},      // 3x1 kernel, uneven stride and padding, three groups
     {2, 20, 20, 9, 37, 3, 3, 1, 1, 1, 1, 1, 1, 20},   // depthwise, rows longer than two vectors
     {1, 7, 7, 12, 19, 3, 3, 2, 2, 1, 1, 1, 1, 7},     // depthwise stride 2
+    {1, 4, 4, 11, 14, 3, 3, 3, 3, 1, 2, 1, 1, 4},     // depthwise stride 3
     {1, 5, 5, 13, 11, 5, 5, 1, 2, 4, 3, 2, 1, 5},     // depthwise 5x5, dilation 2 rows, stride 2 columns
     {1, 17, 17, 9, 9, 7, 7, 1, 1, 3, 3, 1, 1, 17},    // depthwise 7x7 (K = 49: two groups of 32)
     {2, 6, 12, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 6},      // channel multiplier 2: grouped GEMM, not depthwise
