@@ -33,7 +33,9 @@ def check(bits, act_int8, x, qw, bias):
 
 @pytest.mark.parametrize("bits,group_size,symmetric", WEIGHTS)
 @pytest.mark.parametrize("act_int8", [False, True])
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 33, 64), (3, 17, 100), (8, 64, 257), (33, 48, 512), (64, 40, 1000)])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 1, 1), (1, 33, 64), (3, 17, 100), (5, 21, 134), (8, 64, 257), (9, 23, 391), (33, 48, 512), (64, 40, 1000)]
+)
 def test_matches_reference(isa, bits, group_size, symmetric, act_int8, m, n, k, rng):
     x = torch.randn(m, k, generator=rng)
     qw = quantize_weight(torch.randn(n, k, generator=rng), bits=bits, group_size=group_size, symmetric=symmetric)
@@ -41,8 +43,18 @@ def test_matches_reference(isa, bits, group_size, symmetric, act_int8, m, n, k, 
     check(bits, act_int8, x, qw, bias)
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric", WEIGHTS)
+@pytest.mark.parametrize("m", [128, 130])
+def test_int8_activations_tall_inputs(isa, bits, group_size, symmetric, m, rng):
+    """Batches the SIMD int8-activation kernels block over M (6 or 4 rows a tile) with N (70: not a multiple of
+    the 16- or 32-column panels) and K (1100: over two 512-element K blocks) ragged."""
+    x = torch.randn(m, 1100, generator=rng)
+    qw = quantize_weight(torch.randn(70, 1100, generator=rng), bits=bits, group_size=group_size, symmetric=symmetric)
+    check(bits, True, x, qw, torch.randn(70, generator=rng))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 128, False)])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, True), (4, 128, False)])
 @pytest.mark.parametrize("act_int8", [False, True])
 def test_dtypes_and_batched_inputs(isa, dtype, bits, group_size, symmetric, act_int8, rng):
     x = torch.randn(2, 5, 384, generator=rng).to(dtype)
@@ -50,6 +62,26 @@ def test_dtypes_and_batched_inputs(isa, dtype, bits, group_size, symmetric, act_
     bias = torch.randn(70, generator=rng).to(dtype)
     out = check(bits, act_int8, x, qw, bias)
     assert out.shape == (2, 5, 70)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, None)])
+@pytest.mark.parametrize("m", [1, 8])
+def test_long_rows(isa, dtype, bits, group_size, m, rng):
+    """K = 4096, as in a 7B model's projections: the longest accumulation the tolerance has to cover."""
+    x = torch.randn(m, 4096, generator=rng).to(dtype)
+    qw = quantize_weight(torch.randn(24, 4096, generator=rng), bits=bits, group_size=group_size)
+    check(bits, False, x, qw, torch.randn(24, generator=rng))
+
+
+def test_zero_point_outside_the_format_follows_the_formula(isa, rng):
+    """The ops do not scan zero points (0..15 in the format): a larger one still means (code - zero) * scale in
+    every weight-only kernel, never a read past a decode table."""
+    x = torch.randn(3, 256, generator=rng)
+    qw = quantize_weight(torch.randn(20, 256, generator=rng), bits=4, group_size=128, symmetric=False)
+    qw.zero_point[::3] = 200
+    for dtype in (torch.float32, torch.bfloat16):
+        check(4, False, x.to(dtype), qw, None)
 
 
 @pytest.mark.parametrize("act_int8", [False, True])

@@ -6,7 +6,19 @@ imports Triton otherwise.
 """
 
 from . import ops
+from .accuracy import (
+    QuantizationReport,
+    auto_mixed_precision,
+    calibrate,
+    choose_mixed_precision,
+    convert_qat,
+    prepare_qat,
+    quantize_model,
+    sensitivity_analysis,
+)
+from .config import QuantConfig
 from .formats import FORMAT_VERSION, GROUP_SIZES, QuantizedWeight, quantize_weight
+from .nn import load_quantized, plan_swap, save_quantized, swap_to_quantized
 from .ops import active_isa, conv2d, linear, set_isa, supported_isas
 
 
@@ -26,9 +38,22 @@ __all__ = [
     "GROUP_SIZES",
     "QuantizedWeight",
     "quantize_weight",
+    "QuantConfig",
+    "swap_to_quantized",
+    "plan_swap",
+    "save_quantized",
+    "load_quantized",
     "linear",
     "conv2d",
     "active_isa",
     "supported_isas",
     "set_isa",
+    "calibrate",
+    "quantize_model",
+    "prepare_qat",
+    "convert_qat",
+    "sensitivity_analysis",
+    "choose_mixed_precision",
+    "auto_mixed_precision",
+    "QuantizationReport",
 ]

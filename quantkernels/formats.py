@@ -153,10 +153,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-def quantize_weight(
-    w: torch.Tensor, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True
-) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``w`` (``(N, K)``, or ``(N, ...)`` flattened to K) into the stored format."""
+def check_quantize_args(w, bits: int, group_size: Optional[int], symmetric: bool) -> None:
+    """Raises a clear error for a format or weight that :func:`quantize_weight` (or better rounding) can't take."""
     _check_config(bits, group_size, symmetric)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"weight: got {type(w).__name__}, expected a torch.Tensor")
@@ -168,37 +166,80 @@ def quantize_weight(
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(f"weight: contains NaN or Inf (first at index {bad}); cannot quantize a non-finite weight")
 
+
+def quantize_weight(
+    w: torch.Tensor, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``w`` (``(N, K)``, or ``(N, ...)`` flattened to K) into the stored format."""
+    check_quantize_args(w, bits, group_size, symmetric)
+    groups = weight_groups(w, bits, group_size)
+    scale, zero = group_params(groups, bits, symmetric)
+    codes = encode_groups(groups, scale, zero, bits, symmetric)
+    return from_codes(codes.reshape(codes.shape[0], -1), scale, zero, bits, group_size, symmetric, tuple(w.shape))
+
+
+# The pieces of quantize_weight, public so that better rounding (quantkernels.accuracy) and fake quantization
+# produce the stored grid through the same arithmetic instead of a copy of it.
+
+
+def code_limits(bits: int, symmetric: bool) -> tuple:
+    """The smallest and largest stored code: int8 -127..127, symmetric int4 1..15, asymmetric int4 0..15."""
+    if bits == 8:
+        return -INT8_QMAX, INT8_QMAX
+    return (INT4_SYMMETRIC_ZERO - INT4_SYMMETRIC_QMAX, INT4_CODE_MAX) if symmetric else (0, INT4_CODE_MAX)
+
+
+def weight_groups(w: torch.Tensor, bits: int, group_size: Optional[int]) -> torch.Tensor:
+    """``w`` flattened to ``(N, K)``, zero-padded to K_pad and cut into float32 ``(N, n_groups, group_len)``."""
     n, k = w.shape[0], math.prod(w.shape[1:])
     g = group_len_for(bits, k, group_size)
     k_pad = padded_k(bits, k, group_size)
     wf = torch.zeros(n, k_pad, dtype=torch.float32, device=w.device)
     wf[:, :k] = w.reshape(n, k).to(torch.float32)
-    groups = wf.reshape(n, k_pad // g, g)
+    return wf.reshape(n, k_pad // g, g)
 
+
+def group_params(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple:
+    """Round-to-nearest scale and zero point of each group: float32 ``(N, n_groups)`` each.
+
+    The zero point is returned as a float for every format (0 for int8, 8 for symmetric int4) so that
+    ``W = (code - zero) * scale`` holds uniformly.
+    """
     if symmetric:
         qmax = INT8_QMAX if bits == 8 else INT4_SYMMETRIC_QMAX
         scale = groups.abs().amax(dim=-1) / qmax
-        safe = torch.where(scale > 0, scale, 1.0)
-        # Divide (not multiply by a reciprocal) so that the rounding matches the C++ reference bit for bit.
-        q = torch.where((scale > 0).unsqueeze(-1), torch.round(groups / safe.unsqueeze(-1)), 0.0)
-        q = q.clamp(-qmax, qmax)
-        zero_point = None
-        if bits == 8:
-            qdata = q.reshape(n, k_pad).to(torch.int8)
-        else:
-            qdata = pack_int4(q.reshape(n, k_pad) + INT4_SYMMETRIC_ZERO)
-    else:
-        lo = groups.amin(dim=-1).clamp(max=0.0)
-        hi = groups.amax(dim=-1).clamp(min=0.0)
-        scale = (hi - lo) / INT4_CODE_MAX
-        safe = torch.where(scale > 0, scale, 1.0)
-        zero = torch.where(scale > 0, torch.round(-lo / safe), 0.0).clamp(0, INT4_CODE_MAX)
-        q = torch.round(groups / safe.unsqueeze(-1)) + zero.unsqueeze(-1)
-        q = torch.where((scale > 0).unsqueeze(-1), q, 0.0).clamp(0, INT4_CODE_MAX)
-        qdata = pack_int4(q.reshape(n, k_pad))
-        zero_point = zero.to(torch.uint8)
+        zero = torch.full_like(scale, 0.0 if bits == 8 else float(INT4_SYMMETRIC_ZERO))
+        return scale, zero
+    lo = groups.amin(dim=-1).clamp(max=0.0)
+    hi = groups.amax(dim=-1).clamp(min=0.0)
+    scale = (hi - lo) / INT4_CODE_MAX
+    safe = torch.where(scale > 0, scale, 1.0)
+    zero = torch.where(scale > 0, torch.round(-lo / safe), 0.0).clamp(0, INT4_CODE_MAX)
+    return scale, zero
 
-    return QuantizedWeight(bits, group_size, symmetric, tuple(w.shape), qdata, scale.contiguous(), zero_point)
+
+def encode_groups(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool):
+    """Codes (float32, same shape as ``groups``) of each element on the grid ``(code - zero) * scale``.
+
+    ``groups`` is ``(N, n_groups, group_len)`` (or any ``(..., group_len)``) and ``scale`` / ``zero`` its
+    leading dims. A group with scale 0 gets code = zero, i.e. it dequantizes to exact zeros.
+    """
+    lo, hi = code_limits(bits, symmetric)
+    positive = (scale > 0).unsqueeze(-1)
+    safe = torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+    # Divide (not multiply by a reciprocal) so that the rounding matches the C++ reference bit for bit.
+    codes = (torch.round(groups / safe) + zero.unsqueeze(-1)).clamp(lo, hi)
+    return torch.where(positive, codes, zero.unsqueeze(-1))
+
+
+def from_codes(codes, scale, zero, bits, group_size, symmetric, shape) -> QuantizedWeight:
+    """Packs codes ``(N, K_pad)`` and float32 group scales / zero points into the stored format."""
+    if bits == 8:
+        qdata = codes.to(torch.int8)
+    else:
+        qdata = pack_int4(codes)
+    zero_point = None if symmetric else zero.to(torch.uint8)
+    return QuantizedWeight(bits, group_size, symmetric, tuple(shape), qdata, scale.contiguous(), zero_point)
 
 
 def quantize_activation_per_token(x: torch.Tensor):

@@ -203,7 +203,7 @@ def conv2d(
 
 
 def active_isa() -> str:
-    """The instruction set the CPU kernels use now ('portable', 'avx2' or 'avx512')."""
+    """The instruction set the CPU kernels use now ('portable', 'avx2', 'avx512' or 'amx')."""
     return _C.active_isa()
 
 

@@ -206,7 +206,7 @@ struct GemmConv {
     if constexpr (std::is_same_v<T, int8_t>)
       lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1);
     else
-      lk.linear_f32(group_weight(g), rows, m, bias_g, y, n0, n1);
+      lk.linear_f32(group_weight(g), rows, ActType::f32, m, bias_g, y, n0, n1);
   }
 
   void fill_scales(int64_t r0, int64_t r1, float* dst) const {
@@ -401,6 +401,7 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
 
 const ConvKernels& conv_kernels(Isa isa) {
   switch (isa) {
+    case Isa::amx:  // the tile unit is for the GEMM (kernels(Isa::amx)); the rest runs on AVX-512
     case Isa::avx512: return avx512_conv_kernels();
     case Isa::avx2: return avx2_conv_kernels();
     case Isa::portable: break;

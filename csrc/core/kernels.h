@@ -9,13 +9,18 @@
 
 namespace qk {
 
-enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+// Instruction-set levels, each a superset of the one before: amx is avx512 plus the AMX tile unit (bf16, int8).
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, amx = 3 };
+
+// Element type of the float activations the weight-only kernels read. They convert to float32 while staging x,
+// so the binding hands over bfloat16 and float16 tensors without making a float copy.
+enum class ActType : int { f32 = 0, bf16 = 1, f16 = 2 };
 
 struct LinearKernels {
   const char* name;
-  // y[r][n] = sum_k x[r][k] * W[n][k] + bias[n] for r < m, n_begin <= n < n_end.
-  // x: float [m][w.k], dense. y: float [m][w.n]. bias: float [w.n] or nullptr.
-  void (*linear_f32)(const WeightView& w, const float* x, int64_t m, const float* bias, float* y,
+  // y[r][n] = sum_k x[r][k] * W[n][k] + bias[n] for r < m, n_begin <= n < n_end, accumulated in float32.
+  // x: [m][w.k] of element type x_type, dense. y: float [m][w.n]. bias: float [w.n] or nullptr.
+  void (*linear_f32)(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                      int64_t n_begin, int64_t n_end);
   // The same with int8 activations: xq [m][w.k_pad] (zero past w.k), x_scale [m] from quantize_rows.
   // A row whose x_scale is not finite produces NaN.
@@ -26,9 +31,12 @@ struct LinearKernels {
 };
 
 const char* isa_name(Isa isa);
-// Parses "portable", "avx2" or "avx512"; returns false on anything else.
+// Parses "portable", "avx2", "avx512" or "amx"; returns false on anything else.
 bool parse_isa(const char* name, Isa* out);
 bool isa_supported(Isa isa);
+// AMX-TILE, AMX-BF16 and AMX-INT8 present and the tile state granted by the OS (asked for on the first call):
+// with AVX-512, the amx level. Its kernels also check it, so that no call ever faults.
+bool amx_usable();
 Isa best_isa();
 // QUANTKERNELS_ISA if set (it must name a supported ISA), else best_isa(); overridable by set_active_isa.
 Isa active_isa();
@@ -41,5 +49,6 @@ inline const LinearKernels& active_kernels() { return kernels(active_isa()); }
 const LinearKernels& portable_kernels();
 const LinearKernels& avx2_kernels();
 const LinearKernels& avx512_kernels();
+const LinearKernels& amx_kernels();
 
 }  // namespace qk

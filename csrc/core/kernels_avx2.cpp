@@ -1,11 +1,13 @@
-// avx2 kernels: placeholder table that reuses the portable kernels until the SIMD versions land.
+// avx2 kernels: the weight-only linear is in linear_f32_avx2.cpp, the int8-activation kernels in
+// linear_a8_avx2.cpp.
 #include "kernels.h"
+#include "linear_a8.h"
+#include "linear_f32.h"
 
 namespace qk {
 
 const LinearKernels& avx2_kernels() {
-  static const LinearKernels table{"avx2", portable_kernels().linear_f32, portable_kernels().linear_a8,
-                                   portable_kernels().quantize_rows};
+  static const LinearKernels table{"avx2", linear_f32_avx2, avx2::linear_a8, avx2::quantize_rows};
   return table;
 }
 

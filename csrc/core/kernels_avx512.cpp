@@ -1,11 +1,13 @@
-// avx512 kernels: placeholder table that reuses the portable kernels until the SIMD versions land.
+// avx512 kernels: the weight-only linear is in linear_f32_avx512.cpp, the int8-activation kernels in
+// linear_a8_avx512.cpp.
 #include "kernels.h"
+#include "linear_a8.h"
+#include "linear_f32.h"
 
 namespace qk {
 
 const LinearKernels& avx512_kernels() {
-  static const LinearKernels table{"avx512", portable_kernels().linear_f32, portable_kernels().linear_a8,
-                                   portable_kernels().quantize_rows};
+  static const LinearKernels table{"avx512", linear_f32_avx512, avx512::linear_a8, avx512::quantize_rows};
   return table;
 }
 

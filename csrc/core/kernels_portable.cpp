@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "kernels.h"
+#include "linear_f32.h"
 #include "reference.h"
 
 namespace qk {
@@ -20,8 +21,10 @@ void decode_chunk(const WeightView& w, int64_t n, int64_t col, int64_t len, int 
   for (int64_t i = 0; i < len; ++i) out[i] = w.code(n, col + i) - zero;
 }
 
-void linear_f32(const WeightView& w, const float* x, int64_t m, const float* bias, float* y, int64_t n_begin,
-                int64_t n_end) {
+void linear_f32(const WeightView& w, const void* x_any, ActType x_type, int64_t m, const float* bias, float* y,
+                int64_t n_begin, int64_t n_end) {
+  float* x = staging_buffer(0, m * w.k);
+  for (int64_t i = 0; i < m * w.k; ++i) x[i] = act_value(x_any, x_type, i);
   int32_t codes[kChunk];
   float values[kChunk];
   for (int64_t n = n_begin; n < n_end; ++n) {

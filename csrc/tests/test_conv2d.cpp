@@ -195,7 +195,7 @@ const Case kCases[] = {
 
 int main() {
   std::mt19937 rng(4321);
-  for (qk::Isa isa : {qk::Isa::portable, qk::Isa::avx2, qk::Isa::avx512}) {
+  for (qk::Isa isa : {qk::Isa::portable, qk::Isa::avx2, qk::Isa::avx512, qk::Isa::amx}) {
     if (!qk::isa_supported(isa)) {
       std::printf("skipping %s: not supported by this CPU\n", qk::isa_name(isa));
       continue;

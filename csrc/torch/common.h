@@ -130,7 +130,16 @@ void parallel_over_rows(int64_t n, const Fn& fn) {
   });
 }
 
-// Runs y = x @ W^T + bias on 2-D float rows x2 [m][k]; returns float [m][n].
+inline qk::ActType act_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return qk::ActType::bf16;
+    case at::kHalf: return qk::ActType::f16;
+    default: TORCH_CHECK(t == at::kFloat, "internal: activation dtype ", dtype_str(t)); return qk::ActType::f32;
+  }
+}
+
+// Runs y = x @ W^T + bias on 2-D contiguous rows x2 [m][k] (float32, bfloat16 or float16); returns float [m][n].
+// The weight-only kernels read x2 in its own dtype; the int8-activation path quantizes from float32.
 inline at::Tensor run_linear(const qk::WeightView& w, const at::Tensor& x2, const at::Tensor& bias_f, bool act_int8) {
   const int64_t m = x2.size(0);
   at::Tensor y = at::empty({m, w.n}, x2.options().dtype(at::kFloat));
@@ -138,14 +147,18 @@ inline at::Tensor run_linear(const qk::WeightView& w, const at::Tensor& x2, cons
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const auto& kern = qk::active_kernels();
   if (!act_int8) {
-    const float* xp = x2.data_ptr<float>();
-    parallel_over_rows(w.n, [&](int64_t b, int64_t e) { kern.linear_f32(w, xp, m, bias_ptr, y.data_ptr<float>(), b, e); });
+    const void* xp = x2.data_ptr();
+    const qk::ActType type = act_type(x2.scalar_type());
+    parallel_over_rows(w.n, [&](int64_t b, int64_t e) {
+      kern.linear_f32(w, xp, type, m, bias_ptr, y.data_ptr<float>(), b, e);
+    });
     return y;
   }
+  at::Tensor xf = x2.to(at::kFloat).contiguous();
   at::Tensor xq = at::empty({m, w.k_pad}, x2.options().dtype(at::kChar));
   at::Tensor xs = at::empty({m}, x2.options().dtype(at::kFloat));
   at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
-    kern.quantize_rows(x2.data_ptr<float>() + b * w.k, e - b, w.k, w.k_pad, xq.data_ptr<int8_t>() + b * w.k_pad,
+    kern.quantize_rows(xf.data_ptr<float>() + b * w.k, e - b, w.k, w.k_pad, xq.data_ptr<int8_t>() + b * w.k_pad,
                        xs.data_ptr<float>() + b);
   });
   parallel_over_rows(w.n, [&](int64_t b, int64_t e) {

@@ -26,14 +26,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The instruction set the CPU kernels use now.");
   m.def("supported_isas", [] {
     std::vector<std::string> names;
-    for (qk::Isa isa : {qk::Isa::portable, qk::Isa::avx2, qk::Isa::avx512})
+    for (qk::Isa isa : {qk::Isa::portable, qk::Isa::avx2, qk::Isa::avx512, qk::Isa::amx})
       if (qk::isa_supported(isa)) names.push_back(qk::isa_name(isa));
     return names;
   }, "Instruction sets this CPU can run, slowest first.");
   m.def("set_isa", [](const std::string& name) {
     qk::Isa isa;
     TORCH_CHECK_VALUE(qk::parse_isa(name.c_str(), &isa), "isa: got '", name,
-                      "', expected one of portable, avx2, avx512");
+                      "', expected one of portable, avx2, avx512, amx");
     TORCH_CHECK_VALUE(qk::set_active_isa(isa), "isa: got '", name, "', which this CPU does not support");
   }, "Forces the CPU kernels onto one instruction set (what QUANTKERNELS_ISA does at start-up).");
 }

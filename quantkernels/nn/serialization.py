@@ -1,0 +1,77 @@
+"""Saving and loading quantized models as safetensors.
+
+The file holds the model's state (the stored weight bytes of docs/FORMATS.md, never an in-memory layout) and,
+in its metadata, each quantized layer's module type and :class:`QuantConfig`. :func:`load_quantized` uses that
+to rebuild the quantized layers of a freshly built float model without quantizing anything, then loads
+strictly: a missing or unexpected key, a shape, dtype or format version that does not fit raises an error
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Union
+
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..config import QuantConfig
+from ..formats import FORMAT_VERSION
+from .modules import QuantizedConv2d, QuantizedLinear, QuantizedModule
+from .swap import module_slots, replace_module
+
+LAYERS_KEY = "quantkernels.layers"
+VERSION_KEY = "quantkernels.format_version"
+MODULE_TYPES = {cls.__name__: cls for cls in (QuantizedLinear, QuantizedConv2d)}
+
+
+def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Writes ``model``'s state and its quantized layers' configs to a safetensors file."""
+    layers = {name: {"type": type(m).__name__, **dataclasses.asdict(m.config)}
+              for name, m in model.named_modules() if isinstance(m, QuantizedModule)}
+    if not layers:
+        raise ValueError("model: has no quantized layers, expected a model returned by swap_to_quantized")
+    # save_model (not save_file) writes tensors shared by several keys, e.g. tied embeddings, once.
+    save_model(model, os.fspath(path), metadata={LAYERS_KEY: json.dumps(layers), VERSION_KEY: str(FORMAT_VERSION)})
+
+
+def load_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Loads a :func:`save_quantized` file into ``model`` (the float architecture, or one already swapped),
+    swapping in the file's quantized layers first; returns the model."""
+    path = os.fspath(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if LAYERS_KEY not in metadata:
+        raise ValueError(f"{path}: has no {LAYERS_KEY!r} metadata, expected a file written by save_quantized")
+    if metadata.get(VERSION_KEY) != str(FORMAT_VERSION):
+        raise ValueError(f"{path}: stored format version {metadata.get(VERSION_KEY)!r}, expected {FORMAT_VERSION} "
+                         f"(the version this quantkernels reads)")
+    slots = module_slots(model)
+    for name, entry in json.loads(metadata[LAYERS_KEY]).items():
+        entry = dict(entry)
+        cls = MODULE_TYPES.get(entry.pop("type"))
+        if cls is None:
+            raise ValueError(f"{path}: layer {name!r} has an unknown module type, expected one of {list(MODULE_TYPES)}")
+        config = QuantConfig(**entry)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: holds layer {name!r}, which the model does not have") from None
+        if isinstance(module, cls) and module.config == config:
+            continue
+        if isinstance(module, cls):
+            raise ValueError(f"{name}: the file holds {config.describe()} weights, the model's layer is already "
+                             f"quantized as {module.config.describe()}; load into the float model instead")
+        if not isinstance(module, cls.float_type):
+            raise TypeError(f"{name}: the file holds a quantized {cls.float_type.__name__}, the model has "
+                            f"{type(module).__name__}")
+        skeleton = cls.empty_like(module, config)
+        if name:
+            replace_module(model, slots[name], skeleton)
+        else:
+            model = skeleton
+    load_model(model, path, strict=True)
+    return model
