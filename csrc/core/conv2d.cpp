@@ -31,8 +31,8 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
-  reordered_weight, activations, shared_rows, shared_y, shared_scales,  // the calling thread's
-  band_rows, band_y, band_scales, staged_plane, staged_row,  // every worker's
+  reordered_weight, activations, shared_rows, shared_y, shared_scales,          // the calling thread's
+  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row,  // every worker's
   count
 };
 
@@ -143,25 +143,31 @@ void quantize_pixels(const ConvKernels& ck, const Conv2dShape& s, Layout layout,
     for (int64_t p = 0; p < np; ++p) std::memset(dst + p * ld + C, 0, ld - C);
 }
 
-// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), into `storage`. Only for one scale
-// group per row: the scale and zero point apply to the whole row, so they carry over unchanged.
-WeightView reorder_taps_major(const WeightView& w, int64_t cin, int64_t taps, const Parallel& par) {
+// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), in scratch memory. Only for one scale
+// group per row: the scale and zero point apply to the whole row, so they carry over unchanged. The padding past
+// K stays where it is.
+WeightView reorder_taps_major(const ConvKernels& ck, const WeightView& w, int64_t cin, int64_t taps,
+                              const Parallel& par) {
   uint8_t* storage = scratch<uint8_t>(Scratch::reordered_weight, w.n * w.row_bytes());
   run_for(par, w.n, [&](int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes(w.bits == 4 ? w.k_pad : 0);
+    // int4 rows are unpacked to one code per byte, reordered, and packed again.
+    uint8_t* codes = w.bits == 4 ? scratch<uint8_t>(Scratch::weight_codes, 2 * w.k_pad) : nullptr;
     for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* src = static_cast<const uint8_t*>(w.qdata) + n * w.row_bytes();
       uint8_t* dst = storage + n * w.row_bytes();
       if (w.bits == 8) {
-        const uint8_t* src = static_cast<const uint8_t*>(w.qdata) + n * w.k_pad;
-        for (int64_t ci = 0; ci < cin; ++ci)
-          for (int64_t t = 0; t < taps; ++t) dst[t * cin + ci] = src[ci * taps + t];
+        ck.reorder_taps(src, cin, taps, dst);
         std::memcpy(dst + w.k, src + w.k, w.k_pad - w.k);
-      } else {
-        for (int64_t ci = 0; ci < cin; ++ci)
-          for (int64_t t = 0; t < taps; ++t) codes[t * cin + ci] = static_cast<uint8_t>(w.code(n, ci * taps + t));
-        for (int64_t i = w.k; i < w.k_pad; ++i) codes[i] = static_cast<uint8_t>(w.code(n, i));
-        for (int64_t j = 0; j < w.k_pad / 2; ++j) dst[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
+        continue;
       }
+      uint8_t* unpacked = codes + w.k_pad;
+      for (int64_t j = 0; j < w.k_pad / 2; ++j) {
+        codes[2 * j] = src[j] & 0xF;
+        codes[2 * j + 1] = src[j] >> 4;
+      }
+      ck.reorder_taps(codes, cin, taps, unpacked);
+      for (int64_t i = w.k; i < w.k_pad; ++i) unpacked[i] = codes[i];
+      for (int64_t j = 0; j < w.k_pad / 2; ++j) dst[j] = static_cast<uint8_t>(unpacked[2 * j] | (unpacked[2 * j + 1] << 4));
     }
   });
   WeightView out = w;
@@ -211,7 +217,11 @@ struct GemmConv {
 
   void fill_scales(int64_t r0, int64_t r1, float* dst) const {
     if constexpr (std::is_same_v<T, int8_t>)
-      for (int64_t r = r0; r < r1; ++r) dst[r - r0] = image_scale[r / out_pixels()];
+      for (int64_t r = r0; r < r1;) {  // image by image
+        const int64_t b = r / out_pixels(), end = std::min(r1, (b + 1) * out_pixels());
+        std::fill(dst + r - r0, dst + end - r0, image_scale[b]);
+        r = end;
+      }
   }
 
   // GEMM rows [r0, r1) of group g into rows[r - r0][row_len]: for each tap, that group's channels of the input
@@ -221,8 +231,12 @@ struct GemmConv {
     // Taps of one kernel row read neighbouring pixels: with dilation 1 and the pixels' channels adjacent
     // (one group), a whole kernel row is one contiguous copy.
     const bool row_runs = taps_major && s.dilation_w == 1 && cg == ld_in;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / out_pixels(), oh = r % out_pixels() / OW, ow = r % OW;
+    int64_t b = r0 / out_pixels(), oh = r0 % out_pixels() / OW, ow = r0 % OW;  // of row r, stepped along
+    for (int64_t r = r0; r < r1; ++r, ++ow) {
+      if (ow == OW) {
+        ow = 0;
+        if (++oh == s.out_height()) oh = 0, ++b;
+      }
       T* dst = rows + (r - r0) * row_len;
       const T* image = in + b * s.height * s.width * ld_in + g * cg;
       for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
@@ -420,7 +434,7 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
   const bool direct = s.taps() == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
                       s.groups == 1;
   const bool taps_major = s.taps() == 1 || w.n_groups() == 1;
-  const WeightView weight = s.taps() > 1 && taps_major ? reorder_taps_major(w, s.group_in(), s.taps(), par) : w;
+  const WeightView weight = s.taps() > 1 && taps_major ? reorder_taps_major(ck, w, s.group_in(), s.taps(), par) : w;
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 

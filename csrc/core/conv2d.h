@@ -89,6 +89,8 @@ struct ConvKernels {
   // The same transpose, quantized as quantize_int8 does: NCHW floats into NHWC codes in one pass.
   void (*quantize_transposed)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float scale,
                               int8_t* dst, int64_t ld_dst);
+  // dst[t * cin + ci] = src[ci * taps + t]: one weight row's K from (cin, kh, kw) to (kh, kw, cin) order.
+  void (*reorder_taps)(const uint8_t* src, int64_t cin, int64_t taps, uint8_t* dst);
   // Stages the plane src [in_h][in_w] into p.staged (as codes, quantize_f32 by `scale`, when quantize; zeros for
   // an unusable scale), then out[oh][ow] = scale * sum_{kh,kw} w[kh * kernel_w + kw] *
   // padded(oh * stride_h + kh * dilation_h, ow * stride_w + kw * dilation_w) + bias, with scale 1 if not quantize.

@@ -58,6 +58,17 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
             (long)i, x[i], q8[i], qf[i], want_q);
     }
   }
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (int64_t cin : {1, 15, 16, 17, 40})
+    for (int64_t taps : {1, 4, 9, 16, 25, 49}) {
+      std::vector<uint8_t> src(cin * taps), dst(cin * taps, 0);
+      for (auto& v : src) v = static_cast<uint8_t>(byte(rng));
+      ck.reorder_taps(src.data(), cin, taps, dst.data());
+      for (int64_t ci = 0; ci < cin; ++ci)
+        for (int64_t t = 0; t < taps; ++t)
+          CHECK(dst[t * cin + ci] == src[ci * taps + t], "%s reorder_taps cin=%ld taps=%ld at (%ld, %ld)", ck.name,
+                (long)cin, (long)taps, (long)ci, (long)t);
+    }
   for (int64_t rows : {1, 15, 16, 17, 33})
     for (int64_t cols : {1, 8, 16, 19, 40}) {
       const int64_t ld_src = cols + 3, ld_dst = rows + 5;
@@ -179,6 +190,7 @@ const Case kCases[] = {
     {1, 8, 5, 7, 7, 1, 1, 2, 2, 1, 0, 1, 1, 1},       // 1x1 strided, padded: im2col
     {2, 5, 7, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1},       // 3x3
     {2, 4, 6, 20, 21, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // 3x3, 840 pixels: several bands per thread
+    {1, 35, 9, 6, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // 3x3 over 35 channels: whole 16-channel reorder tiles
     {1, 6, 4, 11, 10, 3, 3, 2, 2, 2, 2, 2, 2, 1},     // stride 2, dilation 2
     {1, 8, 6, 9, 9, 5, 5, 1, 1, 2, 2, 1, 1, 2},       // 5x5, two groups
     {1, 3, 8, 15, 14, 7, 7, 2, 2, 3, 3, 1, 1, 1},     // 7x7 stride 2 stem
