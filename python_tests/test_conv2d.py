@@ -35,6 +35,7 @@ CASES = {
     "depthwise_7x7": (1, 17, 17, (9, 10), (7, 7), (2, 1), (3, 3), (1, 1), 17),
     "multiplier2": (2, 8, 16, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1), 8),
     "many_pixels": (3, 19, 37, (20, 21), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 1260 GEMM rows: several bands
+    "many_images": (9, 17, 20, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # bands of whole 99-pixel images
 }
 
 
@@ -91,7 +92,7 @@ def test_non_contiguous_input(name, act_int8, rng):
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
-@pytest.mark.parametrize("name", ["3x3", "1x1", "many_pixels", "3x1_groups2", "depthwise"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "many_pixels", "many_images", "3x1_groups2", "depthwise"])
 def test_thread_counts(name, act_int8, threads, rng):
     """One thread; and three, which split few pixels by output channel and many pixels into uneven bands."""
     before = torch.get_num_threads()

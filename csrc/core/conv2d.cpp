@@ -282,11 +282,13 @@ struct GemmConv {
   void run(const Parallel& par) const {
     const int64_t M = s.batch * out_pixels(), ng = s.group_out();
     const int64_t threads = std::max<int64_t>(1, par.num_threads);
-    int64_t bands = (M + kBandRows - 1) / kBandRows;
+    // Bands hold whole images where images are smaller than a band, so that the NCHW store transposes whole planes.
+    const int64_t unit = out_pixels() < kBandRows ? out_pixels() : 1, units = M / unit;
+    int64_t bands = (units + kBandRows / unit - 1) / (kBandRows / unit);
     if (bands >= threads || threads == 1) {
       // Each thread takes whole bands: im2col, GEMM over every output channel, store, while the band is in cache.
       bands = (bands + threads - 1) / threads * threads;  // balanced: every thread gets the same number of rows
-      const int64_t band = (M + bands - 1) / bands;
+      const int64_t band = (units + bands - 1) / bands * unit;
       bands = (M + band - 1) / band;
       run_for(par, bands, [&](int64_t i0, int64_t i1) {
         T* rows_buf = direct ? nullptr : scratch<T>(Scratch::band_rows, band * row_len);

@@ -191,6 +191,7 @@ const Case kCases[] = {
     {2, 5, 7, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1},       // 3x3
     {2, 4, 6, 20, 21, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // 3x3, 840 pixels: several bands per thread
     {1, 35, 9, 6, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // 3x3 over 35 channels: whole 16-channel reorder tiles
+    {7, 5, 6, 10, 10, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // 700 pixels in 100-pixel images: bands of whole images
     {1, 6, 4, 11, 10, 3, 3, 2, 2, 2, 2, 2, 2, 1},     // stride 2, dilation 2
     {1, 8, 6, 9, 9, 5, 5, 1, 1, 2, 2, 1, 1, 2},       // 5x5, two groups
     {1, 3, 8, 15, 14, 7, 7, 2, 2, 3, 3, 1, 1, 1},     // 7x7 stride 2 stem
