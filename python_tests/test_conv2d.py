@@ -1,51 +1,191 @@
-"""quant::conv2d_* on CPU, every ISA path, against the float64 reference."""
+"""quant::conv2d_* on CPU, every ISA path, against the float64 reference.
+
+The cases reach every path of csrc/core/conv2d.cpp: depthwise (direct, NCHW planes or NHWC rows), 1x1 stride 1
+(the activation is the GEMM input), im2col with the weight reordered (one scale group per channel) or gathered
+(several groups along K), several bands per thread and the threads splitting output channels.
+"""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import quantkernels
 from quantkernels import reference
 from quantkernels.formats import quantize_weight
 from quantkernels.testing import assert_close_to_reference, conv2d_bound
 
-CASES = [
-    # (batch, cin, cout, hw, kernel, stride, padding, dilation, groups)
-    (1, 3, 8, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1),
-    (2, 8, 12, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1),
-    (2, 6, 6, 11, (3, 3), (2, 2), (1, 1), (1, 1), 6),  # depthwise
-    (1, 5, 7, 12, (5, 5), (1, 2), (2, 1), (1, 1), 1),
-    (1, 4, 6, 15, (7, 7), (1, 1), (3, 3), (2, 1), 2),
-    (3, 16, 10, 7, (3, 1), (1, 1), (1, 0), (1, 1), 2),
-]
+# (bits, group_size, symmetric): int8 per channel, int4 asymmetric per channel (both reordered to tap-major),
+# int4 in groups of 32 along K (gathered im2col).
+WEIGHT_FORMATS = [(8, None, True), (4, None, False), (4, 32, True)]
+
+CASES = {
+    # name: (batch, cin, cout, (h, w), kernel, stride, padding, dilation, groups)
+    "3x3": (1, 3, 8, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "1x1": (2, 13, 19, (6, 7), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    "1x1_stride2": (2, 16, 24, (9, 9), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    "5x5": (1, 5, 7, (12, 13), (5, 5), (1, 2), (2, 1), (1, 1), 1),
+    "7x7_stride2": (1, 3, 16, (17, 16), (7, 7), (2, 2), (3, 3), (1, 1), 1),
+    "stride2_dilation2": (1, 6, 9, (11, 12), (3, 3), (2, 2), (2, 2), (2, 2), 1),
+    "7x7_groups2": (1, 4, 6, (15, 16), (7, 7), (1, 1), (3, 3), (2, 1), 2),
+    "3x1_groups2": (3, 16, 10, (7, 8), (3, 1), (1, 1), (1, 0), (1, 1), 2),
+    "depthwise": (2, 24, 24, (10, 37), (3, 3), (1, 1), (1, 1), (1, 1), 24),
+    "depthwise_stride2": (2, 6, 6, (11, 12), (3, 3), (2, 2), (1, 1), (1, 1), 6),
+    "depthwise_5x5_dilation2": (1, 9, 9, (13, 12), (5, 5), (1, 1), (4, 4), (2, 2), 9),
+    "depthwise_7x7": (1, 17, 17, (9, 10), (7, 7), (2, 1), (3, 3), (1, 1), 17),
+    "multiplier2": (2, 8, 16, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1), 8),
+    "many_pixels": (3, 19, 37, (20, 21), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 1260 GEMM rows: several bands
+    "many_images": (9, 17, 20, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # bands of whole 99-pixel images
+}
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, None, False), (4, 32, True)])
-@pytest.mark.parametrize("act_int8", [False, True])
-@pytest.mark.parametrize("case", CASES)
-def test_matches_reference(isa, bits, group_size, symmetric, act_int8, case, rng):
-    b, cin, cout, hw, kernel, stride, padding, dilation, groups = case
-    x = torch.randn(b, cin, hw, hw + 1, generator=rng)
-    w = torch.randn(cout, cin // groups, *kernel, generator=rng)
-    qw = quantize_weight(w, bits=bits, group_size=group_size, symmetric=symmetric)
-    bias = torch.randn(cout, generator=rng) if b % 2 else None
-    args = (bias, list(kernel), list(stride), list(padding), list(dilation), groups, act_int8)
-    if bits == 8:
-        out = torch.ops.quant.conv2d_int8(x, qw.qdata, qw.scale, *args)
-    else:
-        out = torch.ops.quant.conv2d_int4(x, qw.qdata, qw.scale, qw.zero_point, *args)
-    want = reference.conv2d(bits, x.double(), qw.qdata, qw.scale, qw.zero_point, *args)
-    bound = conv2d_bound(bits, x, qw.qdata, qw.scale, qw.zero_point, *args)
-    assert_close_to_reference(out, want, bound, x.dtype, act_int8)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_dtypes_and_memory_format(isa, dtype, channels_last, rng):
-    x = torch.randn(2, 8, 9, 9, generator=rng).to(dtype)
+def make_problem(case, bits, group_size, symmetric, rng, dtype=torch.float32, channels_last=False, bias=None):
+    b, cin, cout, (h, w), kernel, stride, padding, dilation, groups = case
+    x = torch.randn(b, cin, h, w, generator=rng).to(dtype)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    qw = quantize_weight(torch.randn(16, 8, 3, 3, generator=rng), bits=8)
-    args = (None, [3, 3], [1, 1], [1, 1], [1, 1], 1, False)
-    out = torch.ops.quant.conv2d_int8(x, qw.qdata, qw.scale, *args)
-    want = reference.conv2d(8, x.double(), qw.qdata, qw.scale, None, *args)
-    assert_close_to_reference(out, want, conv2d_bound(8, x, qw.qdata, qw.scale, None, *args), dtype)
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin // groups, *kernel, generator=rng)
+    qw = quantize_weight(weight, bits=bits, group_size=group_size, symmetric=symmetric)
+    if bias is None:
+        bias = b % 2 == 1
+    bias_t = torch.randn(cout, generator=rng).to(dtype) if bias else None
+    return x, qw, bias_t, (list(kernel), list(stride), list(padding), list(dilation), groups)
+
+
+def run_and_check(x, qw, bias, geometry, act_int8):
+    out = quantkernels.conv2d(x, qw, bias, *geometry[1:], act_int8=act_int8)
+    args = (bias, *geometry, act_int8)
+    want = reference.conv2d(qw.bits, x.double(), qw.qdata, qw.scale, qw.zero_point, *args)
+    bound = conv2d_bound(qw.bits, x, qw.qdata, qw.scale, qw.zero_point, *args)
+    assert_close_to_reference(out, want, bound, x.dtype, act_int8)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bits,group_size,symmetric", WEIGHT_FORMATS)
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(isa, name, act_int8, bits, group_size, symmetric, channels_last, rng):
+    x, qw, bias, geometry = make_problem(CASES[name], bits, group_size, symmetric, rng, channels_last=channels_last)
+    run_and_check(x, qw, bias, geometry, act_int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise_stride2"])
+def test_half_dtypes(isa, name, act_int8, channels_last, dtype, rng):
+    x, qw, bias, geometry = make_problem(CASES[name], 8, None, True, rng, dtype, channels_last, bias=True)
+    run_and_check(x, qw, bias, geometry, act_int8)
+
+
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise"])
+def test_non_contiguous_input(name, act_int8, rng):
+    x, qw, bias, geometry = make_problem(CASES[name], 4, None, False, rng)
+    wide = torch.randn(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3], generator=rng)
+    out = run_and_check(wide[..., ::2], qw, bias, geometry, act_int8)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "many_pixels", "many_images", "3x1_groups2", "depthwise"])
+def test_thread_counts(name, act_int8, threads, rng):
+    """One thread; and three, which split few pixels by output channel and many pixels into uneven bands."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, qw, bias, geometry = make_problem(CASES[name], 8, None, True, rng)
+        run_and_check(x, qw, bias, geometry, act_int8)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
+def test_empty_batch(act_int8, channels_last, rng):
+    x, qw, bias, geometry = make_problem(CASES["3x3"], 8, None, True, rng, channels_last=channels_last)
+    empty = x[:0]
+    out = quantkernels.conv2d(empty, qw, bias, *geometry[1:], act_int8=act_int8)
+    assert out.shape == (0, 8, 9, 10)
+    assert out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "3x1_groups2"])
+def test_non_finite_image(isa, name, value, rng):
+    """Dynamic activations: an image holding NaN or Inf is NaN throughout; the other images are unaffected."""
+    case = list(CASES[name])
+    case[0] = 2
+    x, qw, bias, geometry = make_problem(tuple(case), 8, None, True, rng, bias=True)
+    x[1, 0, 2, 3] = value
+    out = quantkernels.conv2d(x, qw, bias, *geometry[1:], act_int8=True)
+    assert out[1].isnan().all()
+    want = reference.conv2d(8, x[:1].double(), qw.qdata, qw.scale, None, bias, *geometry, True)
+    bound = conv2d_bound(8, x[:1], qw.qdata, qw.scale, None, bias, *geometry, True)
+    assert_close_to_reference(out[:1], want, bound, x.dtype, True)
+
+
+def test_all_zero_image_gives_bias(isa, rng):
+    x, qw, bias, geometry = make_problem(CASES["3x3"], 8, None, True, rng, bias=True)
+    out = quantkernels.conv2d(torch.zeros_like(x), qw, bias, *geometry[1:], act_int8=True)
+    assert torch.equal(out, bias.view(1, -1, 1, 1).expand_as(out))
+
+
+def test_zero_channels_is_an_error(rng):
+    qw = quantize_weight(torch.randn(4, 1, 1, 1, generator=rng), bits=8)
+    x = torch.randn(1, 0, 5, 5, generator=rng)
+    args = (None, [1, 1], [1, 1], [0, 0], [1, 1], 1, False)
+    with pytest.raises(ValueError, match="in_channels=0"):
+        torch.ops.quant.conv2d_int8(x, qw.qdata, qw.scale, *args)
+    with pytest.raises(ValueError, match="in_channels=0"):
+        with torch._subclasses.FakeTensorMode():
+            torch.ops.quant.conv2d_int8(torch.empty(1, 0, 5, 5), torch.empty(4, 1, dtype=torch.int8), torch.empty(4, 1),
+                                        *args)
+
+
+@st.composite
+def conv_problems(draw):
+    depthwise = draw(st.booleans())
+    if depthwise:
+        groups = cin = cout = draw(st.integers(1, 40))
+    else:
+        groups = draw(st.integers(1, 3))
+        cin, cout = groups * draw(st.integers(1, 12)), groups * draw(st.integers(1, 12))
+    kernel = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    # Smallest input with one output: dilation * (kernel - 1) + 1 <= size + 2 * padding.
+    size = [draw(st.integers(max(1, dilation[i] * (kernel[i] - 1) + 1 - 2 * padding[i]), 20)) for i in range(2)]
+    bits, symmetric = draw(st.sampled_from([(8, True), (4, True), (4, False)]))
+    return dict(
+        case=(draw(st.integers(1, 3)), cin, cout, tuple(size), kernel, stride, padding, dilation, groups),
+        bits=bits,
+        symmetric=symmetric,
+        group_size=draw(st.sampled_from([None, 32, 64])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        channels_last=draw(st.booleans()),
+        act_int8=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        isa=draw(st.sampled_from(quantkernels.supported_isas())),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=conv_problems())
+def test_conv2d_property(p):
+    rng = torch.Generator().manual_seed(p["seed"])
+    x, qw, bias, geometry = make_problem(
+        p["case"], p["bits"], p["group_size"], p["symmetric"], rng, p["dtype"], p["channels_last"], p["bias"]
+    )
+    before = quantkernels.active_isa()
+    quantkernels.set_isa(p["isa"])
+    try:
+        run_and_check(x, qw, bias, geometry, p["act_int8"])
+    finally:
+        quantkernels.set_isa(before)

@@ -83,10 +83,10 @@ def check_bias(bias, n, device) -> None:
 
 def check_linear(bits, x, qweight, scale, zero_point, bias) -> int:
     check_activation(x)
+    if x.shape[-1] == 0:  # before check_weight, which divides by in_features
+        raise ValueError("x: got in_features=0, expected at least 1")
     group_len = check_weight(bits, x.shape[-1], qweight, scale, zero_point, x.device)
     check_bias(bias, qweight.shape[0], x.device)
-    if x.shape[-1] == 0:
-        raise ValueError("x: got in_features=0, expected at least 1")
     return group_len
 
 
@@ -100,6 +100,8 @@ def check_conv2d(bits, x, qweight, scale, zero_point, bias, kernel_size, stride,
     check_activation(x)
     if x.dim() != 4:
         raise ValueError(f"x: got shape {tuple(x.shape)}, expected (batch, channels, height, width)")
+    if x.shape[1] == 0:
+        raise ValueError("x: got in_channels=0, expected at least 1")
     for name, value, lowest in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
                                 ("dilation", dilation, 1)):
         if len(value) != 2 or min(value) < lowest:

@@ -4,7 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <memory>
+#include <cstdlib>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -17,17 +18,42 @@ namespace {
 // be tall enough to amortise that over many rows (256 rows: the packing is a few percent of the MACs), and small
 // enough that the band stays in L2: 256 rows x K = 4608 (3x3 over 512 channels) is 1.2 MB of int8 of a 2 MB L2.
 constexpr int64_t kBandRows = 256;
-// Output channels per task when the threads share one band (few pixels): the linear kernels' column tile.
+// When the threads share one band (few pixels): output channels per GEMM task (the linear kernels' column tile),
+// and rows per im2col or store task.
 constexpr int64_t kColumnTile = 16;
-// Pixels x channels per transposing step (quantize NCHW to NHWC): a 16 KB float tile stays in L1.
-constexpr int64_t kPixelBlock = 64;
-constexpr int64_t kChannelBlock = 64;
+constexpr int64_t kSharedRowChunk = 32;
+// Pixels per task that quantizes or transposes an image: NCHW rows are read in runs of 1 KB, and the NHWC block
+// written (256 x C) stays in L2 while the channels pass over it.
+constexpr int64_t kPixelBlock = 256;
 // Smallest piece of an image one thread takes the absmax of.
 constexpr int64_t kMinAbsmaxPiece = 16384;
 
+// Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
+// of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
+enum class Scratch : int {
+  reordered_weight, activations, shared_rows, shared_y, shared_scales,          // the calling thread's
+  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row,  // every worker's
+  count
+};
+
 template <typename T>
-std::unique_ptr<T[]> uninitialized(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n]);
+T* scratch(Scratch role, int64_t n) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[static_cast<int>(Scratch::count)];
+  Buffer& b = buffers[static_cast<int>(role)];
+  const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+  if (bytes > b.bytes) {
+    std::free(b.data);
+    b.bytes = 0;
+    b.data = std::aligned_alloc(64, bytes);
+    if (b.data == nullptr) throw std::bad_alloc();
+    b.bytes = bytes;
+  }
+  return static_cast<T*>(b.data);
 }
 
 void run_for(const Parallel& par, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
@@ -67,76 +93,85 @@ std::vector<float> image_scales(const ConvKernels& ck, const float* x, int64_t b
   return scales;
 }
 
-// xq[pixel][ld]: each image's int8 codes with channels innermost, zero in [C, ld) and for an unusable scale.
-void quantize_to_nhwc(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const float* x,
-                      const float* scales, int8_t* xq, int64_t ld, const Parallel& par) {
-  const int64_t C = s.in_channels, pixels = s.height * s.width;
-  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
-  run_for(par, s.batch * blocks, [&](int64_t u0, int64_t u1) {
-    std::unique_ptr<float[]> tile;
-    if (layout == Layout::nchw) tile = uninitialized<float>(kPixelBlock * kChannelBlock);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / blocks, p0 = u % blocks * kPixelBlock, np = std::min(kPixelBlock, pixels - p0);
-      const float scale = scales[b];
-      const float* image = x + b * C * pixels;
-      int8_t* dst = xq + (b * pixels + p0) * ld;
-      if (!usable(scale)) {
-        std::memset(dst, 0, np * ld);
+// Runs consume(b, scale, u0, u1) over units [u0, u1) of the work on image b, every unit of every image once, and
+// returns the images' scales: 1 for weight-only, else image_scales'. With dynamic activations and at least one
+// image per thread, a thread takes the absmax of an image and consumes it at once, while the image is in its cache.
+template <typename Consume>
+std::vector<float> for_each_image(const ConvKernels& ck, const float* x, int64_t batch, int64_t image_size,
+                                  int64_t units, bool quantize_input, const Parallel& par, const Consume& consume) {
+  if (quantize_input && batch >= par.num_threads) {
+    std::vector<float> scales(batch);
+    run_for(par, batch, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scales[b] = ck.absmax(x + b * image_size, image_size) / static_cast<float>(kActInt8QMax);
+        consume(b, scales[b], int64_t{0}, units);
+      }
+    });
+    return scales;
+  }
+  std::vector<float> scales = quantize_input ? image_scales(ck, x, batch, image_size, par)
+                                             : std::vector<float>(batch, 1.0f);
+  run_for(par, batch * units, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {  // one call per image the range touches
+      const int64_t b = i / units, end = std::min(i1, (b + 1) * units);
+      consume(b, scales[b], i - b * units, end - b * units);
+      i = end;
+    }
+  });
+  return scales;
+}
+
+// Pixels [p0, p1) of image b as int8 codes at xq[pixel][ld], channels innermost; zero in [C, ld), and for an
+// unusable scale.
+void quantize_pixels(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const float* x, int64_t b,
+                     float scale, int64_t p0, int64_t p1, int8_t* xq, int64_t ld) {
+  const int64_t C = s.in_channels, pixels = s.height * s.width, np = p1 - p0;
+  const float* image = x + b * C * pixels;
+  int8_t* dst = xq + (b * pixels + p0) * ld;
+  if (!usable(scale)) {
+    std::memset(dst, 0, np * ld);
+    return;
+  }
+  if (layout == Layout::nchw) {
+    ck.quantize_transposed(image + p0, C, np, pixels, scale, dst, ld);
+  } else if (ld == C) {
+    ck.quantize_int8(image + p0 * C, np * C, scale, dst);
+  } else {
+    for (int64_t p = 0; p < np; ++p) ck.quantize_int8(image + (p0 + p) * C, C, scale, dst + p * ld);
+  }
+  if (ld > C)
+    for (int64_t p = 0; p < np; ++p) std::memset(dst + p * ld + C, 0, ld - C);
+}
+
+// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), in scratch memory. Only for one scale
+// group per row: the scale and zero point apply to the whole row, so they carry over unchanged. The padding past
+// K stays where it is.
+WeightView reorder_taps_major(const ConvKernels& ck, const WeightView& w, int64_t cin, int64_t taps,
+                              const Parallel& par) {
+  uint8_t* storage = scratch<uint8_t>(Scratch::reordered_weight, w.n * w.row_bytes());
+  run_for(par, w.n, [&](int64_t n0, int64_t n1) {
+    // int4 rows are unpacked to one code per byte, reordered, and packed again.
+    uint8_t* codes = w.bits == 4 ? scratch<uint8_t>(Scratch::weight_codes, 2 * w.k_pad) : nullptr;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* src = static_cast<const uint8_t*>(w.qdata) + n * w.row_bytes();
+      uint8_t* dst = storage + n * w.row_bytes();
+      if (w.bits == 8) {
+        ck.reorder_taps(src, cin, taps, dst);
+        std::memcpy(dst + w.k, src + w.k, w.k_pad - w.k);
         continue;
       }
-      if (layout == Layout::nhwc && ld == C) {
-        ck.quantize_int8(image + p0 * C, np * C, scale, dst);
-      } else if (layout == Layout::nhwc) {
-        for (int64_t p = 0; p < np; ++p) ck.quantize_int8(image + (p0 + p) * C, C, scale, dst + p * ld);
-      } else {
-        for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-          const int64_t nc = std::min(kChannelBlock, C - c0);
-          ck.transpose(image + c0 * pixels + p0, nc, np, pixels, tile.get(), nc);
-          for (int64_t p = 0; p < np; ++p) ck.quantize_int8(tile.get() + p * nc, nc, scale, dst + p * ld + c0);
-        }
+      uint8_t* unpacked = codes + w.k_pad;
+      for (int64_t j = 0; j < w.k_pad / 2; ++j) {
+        codes[2 * j] = src[j] & 0xF;
+        codes[2 * j + 1] = src[j] >> 4;
       }
-      if (ld > C)
-        for (int64_t p = 0; p < np; ++p) std::memset(dst + p * ld + C, 0, ld - C);
-    }
-  });
-}
-
-// xt[pixel][C]: the NCHW input with channels innermost.
-void transpose_to_nhwc(const ConvKernels& ck, const Conv2dShape& s, const float* x, float* xt, const Parallel& par) {
-  const int64_t C = s.in_channels, pixels = s.height * s.width;
-  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
-  run_for(par, s.batch * blocks, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / blocks, p0 = u % blocks * kPixelBlock, np = std::min(kPixelBlock, pixels - p0);
-      ck.transpose(x + b * C * pixels + p0, C, np, pixels, xt + (b * pixels + p0) * C, C);
-    }
-  });
-}
-
-// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), into `storage`. Only for one scale
-// group per row: the scale and zero point apply to the whole row, so they carry over unchanged.
-WeightView reorder_taps_major(const WeightView& w, int64_t cin, int64_t taps, std::unique_ptr<uint8_t[]>& storage,
-                              const Parallel& par) {
-  storage = uninitialized<uint8_t>(w.n * w.row_bytes());
-  run_for(par, w.n, [&](int64_t n0, int64_t n1) {
-    std::vector<uint8_t> codes(w.bits == 4 ? w.k_pad : 0);
-    for (int64_t n = n0; n < n1; ++n) {
-      uint8_t* dst = storage.get() + n * w.row_bytes();
-      if (w.bits == 8) {
-        const uint8_t* src = static_cast<const uint8_t*>(w.qdata) + n * w.k_pad;
-        for (int64_t ci = 0; ci < cin; ++ci)
-          for (int64_t t = 0; t < taps; ++t) dst[t * cin + ci] = src[ci * taps + t];
-        std::memcpy(dst + w.k, src + w.k, w.k_pad - w.k);
-      } else {
-        for (int64_t ci = 0; ci < cin; ++ci)
-          for (int64_t t = 0; t < taps; ++t) codes[t * cin + ci] = static_cast<uint8_t>(w.code(n, ci * taps + t));
-        for (int64_t i = w.k; i < w.k_pad; ++i) codes[i] = static_cast<uint8_t>(w.code(n, i));
-        for (int64_t j = 0; j < w.k_pad / 2; ++j) dst[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
-      }
+      ck.reorder_taps(codes, cin, taps, unpacked);
+      for (int64_t i = w.k; i < w.k_pad; ++i) unpacked[i] = codes[i];
+      for (int64_t j = 0; j < w.k_pad / 2; ++j) dst[j] = static_cast<uint8_t>(unpacked[2 * j] | (unpacked[2 * j + 1] << 4));
     }
   });
   WeightView out = w;
-  out.qdata = storage.get();
+  out.qdata = storage;
   return out;
 }
 
@@ -182,7 +217,11 @@ struct GemmConv {
 
   void fill_scales(int64_t r0, int64_t r1, float* dst) const {
     if constexpr (std::is_same_v<T, int8_t>)
-      for (int64_t r = r0; r < r1; ++r) dst[r - r0] = image_scale[r / out_pixels()];
+      for (int64_t r = r0; r < r1;) {  // image by image
+        const int64_t b = r / out_pixels(), end = std::min(r1, (b + 1) * out_pixels());
+        std::fill(dst + r - r0, dst + end - r0, image_scale[b]);
+        r = end;
+      }
   }
 
   // GEMM rows [r0, r1) of group g into rows[r - r0][row_len]: for each tap, that group's channels of the input
@@ -192,8 +231,12 @@ struct GemmConv {
     // Taps of one kernel row read neighbouring pixels: with dilation 1 and the pixels' channels adjacent
     // (one group), a whole kernel row is one contiguous copy.
     const bool row_runs = taps_major && s.dilation_w == 1 && cg == ld_in;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / out_pixels(), oh = r % out_pixels() / OW, ow = r % OW;
+    int64_t b = r0 / out_pixels(), oh = r0 % out_pixels() / OW, ow = r0 % OW;  // of row r, stepped along
+    for (int64_t r = r0; r < r1; ++r, ++ow) {
+      if (ow == OW) {
+        ow = 0;
+        if (++oh == s.out_height()) oh = 0, ++b;
+      }
       T* dst = rows + (r - r0) * row_len;
       const T* image = in + b * s.height * s.width * ld_in + g * cg;
       for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
@@ -239,27 +282,29 @@ struct GemmConv {
   void run(const Parallel& par) const {
     const int64_t M = s.batch * out_pixels(), ng = s.group_out();
     const int64_t threads = std::max<int64_t>(1, par.num_threads);
-    int64_t bands = (M + kBandRows - 1) / kBandRows;
+    // Bands hold whole images where images are smaller than a band, so that the NCHW store transposes whole planes.
+    const int64_t unit = out_pixels() < kBandRows ? out_pixels() : 1, units = M / unit;
+    int64_t bands = (units + kBandRows / unit - 1) / (kBandRows / unit);
     if (bands >= threads || threads == 1) {
       // Each thread takes whole bands: im2col, GEMM over every output channel, store, while the band is in cache.
       bands = (bands + threads - 1) / threads * threads;  // balanced: every thread gets the same number of rows
-      const int64_t band = (M + bands - 1) / bands;
+      const int64_t band = (units + bands - 1) / bands * unit;
       bands = (M + band - 1) / band;
       run_for(par, bands, [&](int64_t i0, int64_t i1) {
-        std::unique_ptr<T[]> rows_buf = direct ? nullptr : uninitialized<T>(band * row_len);
-        std::unique_ptr<float[]> y_buf = writes_out() ? nullptr : uninitialized<float>(band * ng);
-        std::unique_ptr<float[]> scale_buf = uninitialized<float>(band);
+        T* rows_buf = direct ? nullptr : scratch<T>(Scratch::band_rows, band * row_len);
+        float* y_buf = writes_out() ? nullptr : scratch<float>(Scratch::band_y, band * ng);
+        float* scale_buf = scratch<float>(Scratch::band_scales, band);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r0 = i * band, r1 = std::min(M, r0 + band);
-          fill_scales(r0, r1, scale_buf.get());
+          fill_scales(r0, r1, scale_buf);
           for (int64_t g = 0; g < s.groups; ++g) {
             const T* rows = in + r0 * ld_in;
             if (!direct) {
-              im2col(g, r0, r1, rows_buf.get());
-              rows = rows_buf.get();
+              im2col(g, r0, r1, rows_buf);
+              rows = rows_buf;
             }
-            float* y = writes_out() ? out + r0 * s.out_channels : y_buf.get();
-            gemm(g, rows, r1 - r0, scale_buf.get(), y, 0, ng);
+            float* y = writes_out() ? out + r0 * s.out_channels : y_buf;
+            gemm(g, rows, r1 - r0, scale_buf, y, 0, ng);
             if (!writes_out()) store(y, r0, r1, g);
           }
         }
@@ -267,25 +312,25 @@ struct GemmConv {
       return;
     }
     // Few pixels (late layers at small batch): the threads share all rows and split the output channels.
-    std::unique_ptr<T[]> rows_buf = direct ? nullptr : uninitialized<T>(M * row_len);
-    std::unique_ptr<float[]> y_buf = writes_out() ? nullptr : uninitialized<float>(M * ng);
-    std::unique_ptr<float[]> scale_buf = uninitialized<float>(M);
-    fill_scales(0, M, scale_buf.get());
-    const T* rows = direct ? in : rows_buf.get();
-    float* y = writes_out() ? out : y_buf.get();
-    const int64_t pixel_blocks = (M + kPixelBlock - 1) / kPixelBlock;
+    T* rows_buf = direct ? nullptr : scratch<T>(Scratch::shared_rows, M * row_len);
+    float* y_buf = writes_out() ? nullptr : scratch<float>(Scratch::shared_y, M * ng);
+    float* scale_buf = scratch<float>(Scratch::shared_scales, M);
+    fill_scales(0, M, scale_buf);
+    const T* rows = direct ? in : rows_buf;
+    float* y = writes_out() ? out : y_buf;
+    const int64_t pixel_blocks = (M + kSharedRowChunk - 1) / kSharedRowChunk;
     for (int64_t g = 0; g < s.groups; ++g) {
       if (!direct)
         run_for(par, pixel_blocks, [&](int64_t i0, int64_t i1) {
-          const int64_t r0 = i0 * kPixelBlock, r1 = std::min(M, i1 * kPixelBlock);
-          im2col(g, r0, r1, rows_buf.get() + r0 * row_len);
+          const int64_t r0 = i0 * kSharedRowChunk, r1 = std::min(M, i1 * kSharedRowChunk);
+          im2col(g, r0, r1, rows_buf + r0 * row_len);
         });
       run_for(par, (ng + kColumnTile - 1) / kColumnTile, [&](int64_t t0, int64_t t1) {
-        gemm(g, rows, M, scale_buf.get(), y, t0 * kColumnTile, std::min(ng, t1 * kColumnTile));
+        gemm(g, rows, M, scale_buf, y, t0 * kColumnTile, std::min(ng, t1 * kColumnTile));
       });
       if (!writes_out())
         run_for(par, pixel_blocks, [&](int64_t i0, int64_t i1) {
-          const int64_t r0 = i0 * kPixelBlock, r1 = std::min(M, i1 * kPixelBlock);
+          const int64_t r0 = i0 * kSharedRowChunk, r1 = std::min(M, i1 * kSharedRowChunk);
           store(y + r0 * ng, r0, r1, g);
         });
     }
@@ -296,9 +341,9 @@ struct GemmConv {
 // values). Dynamic activations run on the codes as floats (exact small integers), scaled by the image's scale at
 // the end: the same products as the reference, summed in float32.
 void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const float* x, const WeightView& w,
-               const float* bias, const float* scales, float* out, const Parallel& par) {
+               const float* bias, bool quantize_input, float* out, const Parallel& par) {
   const int64_t C = s.in_channels, taps = s.taps(), H = s.height, W = s.width;
-  const int64_t OH = s.out_height(), OW = s.out_width();
+  const int64_t OH = s.out_height(), OW = s.out_width(), image = C * H * W;
   std::vector<float> filters(C * taps);  // [C][taps]
   for (int64_t c = 0; c < C; ++c) ref::dequantize_row(w, c, filters.data() + c * taps);
 
@@ -307,6 +352,10 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
     DepthwisePlane plane;
     plane.phase_len = (padded_w + s.stride_w - 1) / s.stride_w + kDepthwisePlaneSlack;
     plane.row_stride = s.stride_w * plane.phase_len;
+    plane.in_h = H;
+    plane.in_w = W;
+    plane.pad_h = s.pad_h;
+    plane.pad_w = s.pad_w;
     plane.out_h = OH;
     plane.out_w = OW;
     plane.kernel_h = s.kernel_h;
@@ -315,34 +364,24 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
     plane.stride_w = s.stride_w;
     plane.dilation_h = s.dilation_h;
     plane.dilation_w = s.dilation_w;
-    run_for(par, s.batch * C, [&](int64_t i0, int64_t i1) {
-      // Padding positions are never written: zero once, for every plane this thread stages.
-      std::vector<float> staged(padded_h * plane.row_stride, 0.0f), row(W);
-      DepthwisePlane p = plane;
-      p.buf = staged.data();
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / C, c = i % C;
-        const float scale = scales ? scales[b] : 1.0f;
-        const float* src_plane = x + i * H * W;
-        for (int64_t ih = 0; ih < H; ++ih) {
-          const float* src = src_plane + ih * W;
-          float* dst = staged.data() + (ih + s.pad_h) * plane.row_stride;
-          // Stride 1 stages straight into place; other strides stage the row, then deal it into its phases.
-          float* values = s.stride_w == 1 ? dst + s.pad_w : row.data();
-          if (!scales)
-            std::memcpy(values, src, W * sizeof(float));
-          else if (usable(scale))
-            ck.quantize_f32(src, W, scale, values);
-          else
-            std::fill(values, values + W, 0.0f);
-          if (s.stride_w > 1)
-            for (int64_t iw = 0; iw < W; ++iw) {
-              const int64_t j = iw + s.pad_w;
-              dst[j % s.stride_w * plane.phase_len + j / s.stride_w] = values[iw];
-            }
-        }
-        ck.depthwise_plane(p, filters.data() + c * taps, scale, bias ? bias[c] : 0.0f, out + i * OH * OW);
+    std::vector<int64_t> tap_offset(taps);
+    for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+      for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+        const int64_t col = kw * s.dilation_w;  // padded column of the tap, from the output's first
+        tap_offset[kh * s.kernel_w + kw] = kh * s.dilation_h * plane.row_stride +
+                                           col % s.stride_w * plane.phase_len + col / s.stride_w;
       }
+    plane.tap_offset = tap_offset.data();
+    // Units: the image's channels, one plane each, staged with its padding and then convolved.
+    for_each_image(ck, x, s.batch, image, C, quantize_input, par, [&](int64_t b, float scale, int64_t c0, int64_t c1) {
+      DepthwisePlane p = plane;
+      p.staged = scratch<float>(Scratch::staged_plane, padded_h * plane.row_stride);
+      p.row = scratch<float>(Scratch::staged_row, W);
+      // Staging writes only the image's positions: zero the padding once for all the planes of this call.
+      std::fill(p.staged, p.staged + padded_h * plane.row_stride, 0.0f);
+      for (int64_t c = c0; c < c1; ++c)
+        ck.depthwise_plane(p, x + (b * C + c) * H * W, quantize_input, filters.data() + c * taps, scale,
+                           bias ? bias[c] : 0.0f, out + (b * C + c) * OH * OW);
     });
     return;
   }
@@ -350,29 +389,26 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   std::vector<float> filters_tc(taps * C);  // [taps][C]: a tap's weights for consecutive channels
   for (int64_t c = 0; c < C; ++c)
     for (int64_t t = 0; t < taps; ++t) filters_tc[t * C + c] = filters[c * taps + t];
-  const int64_t image = H * W * C;
   const float* input = x;
-  std::unique_ptr<float[]> codes;
-  if (scales) {  // the codes as floats, once per element rather than once per tap
-    codes = uninitialized<float>(s.batch * image);
+  std::vector<float> scales(s.batch, 1.0f);
+  if (quantize_input) {  // the codes as floats, once per element rather than once per tap
+    float* codes = scratch<float>(Scratch::activations, s.batch * image);
     const int64_t blocks = (H * W + kPixelBlock - 1) / kPixelBlock;
-    run_for(par, s.batch * blocks, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / blocks, p0 = u % blocks * kPixelBlock, n = std::min(kPixelBlock, H * W - p0) * C;
-        float* dst = codes.get() + b * image + p0 * C;
-        if (usable(scales[b]))
-          ck.quantize_f32(x + b * image + p0 * C, n, scales[b], dst);
-        else
-          std::fill(dst, dst + n, 0.0f);
-      }
+    scales = for_each_image(ck, x, s.batch, image, blocks, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+      const int64_t begin = b * image + u0 * kPixelBlock * C, end = b * image + std::min(u1 * kPixelBlock, H * W) * C;
+      if (usable(scale))
+        ck.quantize_f32(x + begin, end - begin, scale, codes + begin);
+      else
+        std::fill(codes + begin, codes + end, 0.0f);
     });
-    input = codes.get();
+    input = codes;
   }
   run_for(par, s.batch * OH, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / OH, oh = i % OH;
-      ck.depthwise_nhwc(s, input + b * image, filters_tc.data(), bias, scales ? scales[b] : 1.0f,
-                        out + b * OH * OW * C, oh, oh + 1);
+    for (int64_t i = i0; i < i1;) {  // one call per image the range touches
+      const int64_t b = i / OH, end = std::min(i1, (b + 1) * OH);
+      ck.depthwise_nhwc(s, input + b * image, filters_tc.data(), bias, scales[b], out + b * OH * OW * C, i - b * OH,
+                        end - b * OH);
+      i = end;
     }
   });
 }
@@ -381,6 +417,7 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
 
 const ConvKernels& conv_kernels(Isa isa) {
   switch (isa) {
+    case Isa::amx:  // the tile unit is for the GEMM (kernels(Isa::amx)); the rest runs on AVX-512
     case Isa::avx512: return avx512_conv_kernels();
     case Isa::avx2: return avx2_conv_kernels();
     case Isa::portable: break;
@@ -392,39 +429,39 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
             bool quantize_input, float* out, const Parallel& par) {
   if (s.batch == 0) return;
   const ConvKernels& ck = conv_kernels(isa);
-  std::vector<float> scales;
-  if (quantize_input) scales = image_scales(ck, x, s.batch, s.in_channels * s.height * s.width, par);
   if (s.depthwise()) {
-    depthwise(ck, s, layout, x, w, bias, quantize_input ? scales.data() : nullptr, out, par);
+    depthwise(ck, s, layout, x, w, bias, quantize_input, out, par);
     return;
   }
   const bool direct = s.taps() == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
                       s.groups == 1;
   const bool taps_major = s.taps() == 1 || w.n_groups() == 1;
-  WeightView weight = w;
-  std::unique_ptr<uint8_t[]> reordered;
-  if (s.taps() > 1 && taps_major) weight = reorder_taps_major(w, s.group_in(), s.taps(), reordered, par);
-  const int64_t pixels = s.batch * s.height * s.width;
+  const WeightView weight = s.taps() > 1 && taps_major ? reorder_taps_major(ck, w, s.group_in(), s.taps(), par) : w;
+  const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
+  const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
   if (quantize_input) {
-    const int64_t ld = direct ? w.k_pad : s.in_channels;  // direct: the rows must carry the GEMM's zero padding
-    std::unique_ptr<int8_t[]> xq = uninitialized<int8_t>(pixels * ld);
-    quantize_to_nhwc(ck, s, layout, x, scales.data(), xq.get(), ld, par);
-    GemmConv<int8_t>{s, layout, kernels(isa), ck, weight, taps_major, xq.get(), ld, direct, w.k_pad,
-                     scales.data(), bias, out}
+    const int64_t ld = direct ? w.k_pad : C;  // direct: the rows must carry the GEMM's zero padding
+    int8_t* xq = scratch<int8_t>(Scratch::activations, s.batch * pixels * ld);
+    const std::vector<float> scales =
+        for_each_image(ck, x, s.batch, image, blocks, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+          quantize_pixels(ck, s, layout, x, b, scale, u0 * kPixelBlock, std::min(u1 * kPixelBlock, pixels), xq, ld);
+        });
+    GemmConv<int8_t>{s, layout, kernels(isa), ck, weight, taps_major, xq, ld, direct, w.k_pad, scales.data(), bias,
+                     out}
         .run(par);
     return;
   }
   const float* nhwc = x;
-  std::unique_ptr<float[]> transposed;
-  if (layout == Layout::nchw) {
-    transposed = uninitialized<float>(pixels * s.in_channels);
-    transpose_to_nhwc(ck, s, x, transposed.get(), par);
-    nhwc = transposed.get();
+  if (layout == Layout::nchw) {  // channels innermost, for the GEMM rows
+    float* transposed = scratch<float>(Scratch::activations, s.batch * image);
+    for_each_image(ck, x, s.batch, image, blocks, false, par, [&](int64_t b, float, int64_t u0, int64_t u1) {
+      const int64_t p0 = u0 * kPixelBlock, p1 = std::min(u1 * kPixelBlock, pixels);
+      ck.transpose(x + b * image + p0, C, p1 - p0, pixels, transposed + b * image + p0 * C, C);
+    });
+    nhwc = transposed;
   }
-  GemmConv<float>{s, layout, kernels(isa), ck, weight, taps_major, nhwc, s.in_channels, direct, w.k, nullptr, bias,
-                  out}
-      .run(par);
+  GemmConv<float>{s, layout, kernels(isa), ck, weight, taps_major, nhwc, C, direct, w.k, nullptr, bias, out}.run(par);
 }
 
 }  // namespace qk

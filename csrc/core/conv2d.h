@@ -58,12 +58,17 @@ struct Parallel {
 void conv2d(Isa isa, const Conv2dShape& shape, Layout layout, const float* x, const WeightView& w, const float* bias,
             bool quantize_input, float* out, const Parallel& parallel);
 
-// One NCHW plane of a depthwise conv, staged with its zero padding and split by the horizontal stride: padded
-// column j of padded row i is at buf[i * row_stride + (j % stride_w) * phase_len + j / stride_w], so that the
-// inputs of consecutive output columns are consecutive floats for every tap.
+// One NCHW plane of a depthwise conv and the buffer it is staged in: the input with its zero padding, split by
+// the horizontal stride, so that the inputs of consecutive output columns are consecutive floats for every tap.
+// Padded column j of padded row i is at staged[i * row_stride + (j % stride_w) * phase_len + j / stride_w].
 struct DepthwisePlane {
-  const float* buf = nullptr;
+  float* staged = nullptr;  // (in_h + 2 pad_h) x row_stride floats, zero at every padding position
+  float* row = nullptr;     // in_w floats of scratch (a row before it is split by a stride > 1)
+  // [kernel_h * kernel_w]: where tap (kh, kw) of output (0, 0) is in `staged`, the same offset for every output
+  // with the staged position of its (0, 0) tap as origin.
+  const int64_t* tap_offset = nullptr;
   int64_t row_stride = 0, phase_len = 0;
+  int64_t in_h = 0, in_w = 0, pad_h = 0, pad_w = 0;
   int64_t out_h = 0, out_w = 0, kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1;
   int64_t dilation_h = 1, dilation_w = 1;
 };
@@ -81,9 +86,16 @@ struct ConvKernels {
   void (*quantize_f32)(const float* x, int64_t n, float scale, float* out);
   // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols.
   void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
-  // out[oh][ow] = scale * sum_{kh,kw} w[kh * kernel_w + kw] * plane(oh * stride_h + kh * dilation_h,
-  //                                                                 ow * stride_w + kw * dilation_w) + bias.
-  void (*depthwise_plane)(const DepthwisePlane& p, const float* w, float scale, float bias, float* out);
+  // The same transpose, quantized as quantize_int8 does: NCHW floats into NHWC codes in one pass.
+  void (*quantize_transposed)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float scale,
+                              int8_t* dst, int64_t ld_dst);
+  // dst[t * cin + ci] = src[ci * taps + t]: one weight row's K from (cin, kh, kw) to (kh, kw, cin) order.
+  void (*reorder_taps)(const uint8_t* src, int64_t cin, int64_t taps, uint8_t* dst);
+  // Stages the plane src [in_h][in_w] into p.staged (as codes, quantize_f32 by `scale`, when quantize; zeros for
+  // an unusable scale), then out[oh][ow] = scale * sum_{kh,kw} w[kh * kernel_w + kw] *
+  // padded(oh * stride_h + kh * dilation_h, ow * stride_w + kw * dilation_w) + bias, with scale 1 if not quantize.
+  void (*depthwise_plane)(const DepthwisePlane& p, const float* src, bool quantize, const float* w, float scale,
+                          float bias, float* out);
   // Output rows [oh_begin, oh_end) of one NHWC image: out[oh][ow][c] = scale * sum_{kh,kw} w_tc[kh][kw][c] *
   // x[ih][iw][c] (taps inside the image) + bias[c]. w_tc: float [taps][C]; bias: float [C] or nullptr.
   void (*depthwise_nhwc)(const Conv2dShape& s, const float* x, const float* w_tc, const float* bias, float scale,

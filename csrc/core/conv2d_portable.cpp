@@ -11,7 +11,8 @@
 namespace qk {
 
 const ConvKernels& portable_conv_kernels() {
-  static const ConvKernels table{"portable", absmax, quantize_int8, quantize_f32, transpose, depthwise_plane,
+  static const ConvKernels table{"portable", absmax, quantize_int8, quantize_f32, transpose,
+                                 quantize_transposed, reorder_taps, depthwise_plane,
                                  depthwise_nhwc};
   return table;
 }

@@ -58,16 +58,35 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
             (long)i, x[i], q8[i], qf[i], want_q);
     }
   }
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (int64_t cin : {1, 15, 16, 17, 40})
+    for (int64_t taps : {1, 4, 9, 16, 25, 49}) {
+      std::vector<uint8_t> src(cin * taps), dst(cin * taps, 0);
+      for (auto& v : src) v = static_cast<uint8_t>(byte(rng));
+      ck.reorder_taps(src.data(), cin, taps, dst.data());
+      for (int64_t ci = 0; ci < cin; ++ci)
+        for (int64_t t = 0; t < taps; ++t)
+          CHECK(dst[t * cin + ci] == src[ci * taps + t], "%s reorder_taps cin=%ld taps=%ld at (%ld, %ld)", ck.name,
+                (long)cin, (long)taps, (long)ci, (long)t);
+    }
   for (int64_t rows : {1, 15, 16, 17, 33})
-    for (int64_t cols : {1, 8, 16, 19}) {
+    for (int64_t cols : {1, 8, 16, 19, 40}) {
       const int64_t ld_src = cols + 3, ld_dst = rows + 5;
       std::vector<float> src(rows * ld_src), dst(cols * ld_dst, kNaN);
       for (auto& v : src) v = normal(rng);
+      std::vector<int8_t> codes(cols * ld_dst, 99);
+      float absmax = 0.0f;
+      for (float v : src) absmax = std::max(absmax, std::fabs(v));
+      const float scale = absmax / 127.0f;
       ck.transpose(src.data(), rows, cols, ld_src, dst.data(), ld_dst);
+      ck.quantize_transposed(src.data(), rows, cols, ld_src, scale, codes.data(), ld_dst);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c)
+        for (int64_t c = 0; c < cols; ++c) {
           CHECK(dst[c * ld_dst + r] == src[r * ld_src + c], "%s transpose %ldx%ld at (%ld, %ld)", ck.name,
                 (long)rows, (long)cols, (long)r, (long)c);
+          CHECK(codes[c * ld_dst + r] == std::nearbyint(src[r * ld_src + c] / scale),
+                "%s quantize_transposed %ldx%ld at (%ld, %ld)", ck.name, (long)rows, (long)cols, (long)r, (long)c);
+        }
     }
 }
 
@@ -171,12 +190,15 @@ const Case kCases[] = {
     {1, 8, 5, 7, 7, 1, 1, 2, 2, 1, 0, 1, 1, 1},       // 1x1 strided, padded: im2col
     {2, 5, 7, 9, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1},       // 3x3
     {2, 4, 6, 20, 21, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // 3x3, 840 pixels: several bands per thread
+    {1, 35, 9, 6, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // 3x3 over 35 channels: whole 16-channel reorder tiles
+    {7, 5, 6, 10, 10, 3, 3, 1, 1, 1, 1, 1, 1, 1},     // 700 pixels in 100-pixel images: bands of whole images
     {1, 6, 4, 11, 10, 3, 3, 2, 2, 2, 2, 2, 2, 1},     // stride 2, dilation 2
     {1, 8, 6, 9, 9, 5, 5, 1, 1, 2, 2, 1, 1, 2},       // 5x5, two groups
     {1, 3, 8, 15, 14, 7, 7, 2, 2, 3, 3, 1, 1, 1},     // 7x7 stride 2 stem
     {2, 12, 6, 6, 7, 3, 1, 1, 2, 1, 0, 1, 1, 3},      // 3x1 kernel, uneven stride and padding, three groups
     {2, 20, 20, 9, 37, 3, 3, 1, 1, 1, 1, 1, 1, 20},   // depthwise, rows longer than two vectors
     {1, 7, 7, 12, 19, 3, 3, 2, 2, 1, 1, 1, 1, 7},     // depthwise stride 2
+    {1, 4, 4, 11, 14, 3, 3, 3, 3, 1, 2, 1, 1, 4},     // depthwise stride 3
     {1, 5, 5, 13, 11, 5, 5, 1, 2, 4, 3, 2, 1, 5},     // depthwise 5x5, dilation 2 rows, stride 2 columns
     {1, 17, 17, 9, 9, 7, 7, 1, 1, 3, 3, 1, 1, 17},    // depthwise 7x7 (K = 49: two groups of 32)
     {2, 6, 12, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 6},      // channel multiplier 2: grouped GEMM, not depthwise
@@ -186,7 +208,7 @@ const Case kCases[] = {
 
 int main() {
   std::mt19937 rng(4321);
-  for (qk::Isa isa : {qk::Isa::portable, qk::Isa::avx2, qk::Isa::avx512}) {
+  for (qk::Isa isa : {qk::Isa::portable, qk::Isa::avx2, qk::Isa::avx512, qk::Isa::amx}) {
     if (!qk::isa_supported(isa)) {
       std::printf("skipping %s: not supported by this CPU\n", qk::isa_name(isa));
       continue;

@@ -14,6 +14,7 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
                        at::IntArrayRef dilation, int64_t groups, bool quantize_input) {
   check_activation(x);
   TORCH_CHECK_VALUE(x.dim() == 4, "x: got shape ", shape_str(x), ", expected (batch, channels, height, width)");
+  TORCH_CHECK_VALUE(x.size(1) > 0, "x: got in_channels=0, expected at least 1");
   TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size: got ",
                     kernel_size, ", expected two positive ints");
   TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride: got ", stride,

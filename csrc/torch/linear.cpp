@@ -11,9 +11,9 @@ at::Tensor linear_impl(int bits, bool act_int8, const at::Tensor& x, const at::T
                        const c10::optional<at::Tensor>& bias) {
   check_activation(x);
   const int64_t k = x.size(-1);
+  TORCH_CHECK_VALUE(k > 0, "x: got in_features=0, expected at least 1");  // before the weight check divides by k
   BoundWeight w(check_weight(bits, k, qweight, scale, zero_point, x.device()), qweight, scale, zero_point);
   check_bias(bias, w.view.n, x.device());
-  TORCH_CHECK_VALUE(k > 0, "x: got in_features=0, expected at least 1");
   at::Tensor x2 = x.reshape({-1, k}).contiguous();
   at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = run_linear(w.view, x2, bias_f, act_int8);
