@@ -80,7 +80,8 @@ def header(run: Run) -> list:
     if "bandwidth_GBps" in f:
         lines.append(
             f"- Streaming-read bandwidth measured in this run: {f['bandwidth_GBps']:.1f} GB/s "
-            f"(torch.sum over {f['bandwidth_buffer_bytes'] / 2**20:.0f} MiB); the memory floor of a benchmark is "
+            f"(the faster of torch.sum and GEMVs over {f['bandwidth_buffer_bytes'] / 2**20:.0f} MiB); the memory "
+            "floor of a benchmark is "
             "its weight bytes divided by this."
         )
     if "rotation_bytes" in f:
