@@ -32,11 +32,6 @@ import quantkernels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
 
-SWAP_MISSING = (
-    "quantkernels.swap_to_quantized does not exist on this branch yet (the model API is being written on branch "
-    "swap); ours end to end runs once it lands on main"
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -273,8 +268,6 @@ CASES = [
 
 @pytest.mark.parametrize("workload,setting", CASES)
 def test_end_to_end(bench, workload, setting):
-    if setting.ours and not hasattr(quantkernels, "swap_to_quantized"):
-        pytest.skip(SWAP_MISSING)
     float_model = workload.model()
     call = workload.make_call(setting.dtype)
 
