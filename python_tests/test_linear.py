@@ -54,6 +54,30 @@ def test_int8_activations_tall_inputs(isa, bits, group_size, symmetric, m, rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group_size,symmetric", WEIGHTS)
+@pytest.mark.parametrize("m,n", [(48, 70), (130, 600)])
+def test_weight_only_tall_inputs(isa, dtype, bits, group_size, symmetric, m, n, rng):
+    """From 48 rows the weight-only ops run float GEMMs on weight panels decoded per call (bf16/fp16 int4 on
+    the amx path excepted): N = 70 gives two panels of unequal size, N = 600 several panels per thread; K = 1100
+    ends inside a group of every size."""
+    x = torch.randn(m, 1100, generator=rng).to(dtype)
+    qw = quantize_weight(torch.randn(n, 1100, generator=rng), bits=bits, group_size=group_size, symmetric=symmetric)
+    check(bits, False, x, qw, torch.randn(n, generator=rng).to(dtype))
+
+
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("act_int8", [False, True])
+def test_inference_mode(m, act_int8, rng):
+    """Under torch.inference_mode the output is an inference tensor; no path (the panel GEMMs run on worker
+    threads, which do not inherit the mode) may write it in a way the mode forbids."""
+    x = torch.randn(m, 300, generator=rng)
+    qw = quantize_weight(torch.randn(40, 300, generator=rng), bits=4, group_size=32)
+    with torch.inference_mode():
+        out = check(4, act_int8, x, qw, torch.randn(40, generator=rng))
+    assert out.is_inference()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, True), (4, 128, False)])
 @pytest.mark.parametrize("act_int8", [False, True])
 def test_dtypes_and_batched_inputs(isa, dtype, bits, group_size, symmetric, act_int8, rng):

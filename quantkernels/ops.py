@@ -6,7 +6,7 @@ argument checks shared by the fake kernels and the Triton backend, the fakes tha
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -180,26 +180,33 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor
     return op(x, weight.qdata, weight.scale, weight.zero_point, bias)
 
 
+def _pair(value, name: str) -> list:
+    """An int or a pair of ints, as F.conv2d takes them, as the ops' two-int list."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise TypeError(f"{name}: got {value!r}, expected an int or a pair of ints")
+
+
 def conv2d(
     x: torch.Tensor,
     weight: QuantizedWeight,
     bias: Optional[torch.Tensor] = None,
-    stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0),
-    dilation: Sequence[int] = (1, 1),
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
     groups: int = 1,
     act_int8: bool = False,
 ):
-    """``F.conv2d`` with a quantized 4-D weight; ``act_int8`` quantizes each image of ``x`` to int8 first."""
-    kernel_size = list(weight.shape[2:])
+    """``F.conv2d`` with a quantized 4-D weight; ``act_int8`` quantizes each image of ``x`` to int8 first.
+    ``stride``, ``padding`` and ``dilation`` are ints or pairs, as for ``F.conv2d`` (the module,
+    ``QuantizedConv2d``, also takes ``padding='same'``)."""
+    geometry = (list(weight.shape[2:]), _pair(stride, "stride"), _pair(padding, "padding"),
+                _pair(dilation, "dilation"), groups, act_int8)
     if weight.bits == 8:
-        return torch.ops.quant.conv2d_int8(
-            x, weight.qdata, weight.scale, bias, kernel_size, list(stride), list(padding), list(dilation), groups, act_int8
-        )
-    return torch.ops.quant.conv2d_int4(
-        x, weight.qdata, weight.scale, weight.zero_point, bias, kernel_size, list(stride), list(padding),
-        list(dilation), groups, act_int8,
-    )
+        return torch.ops.quant.conv2d_int8(x, weight.qdata, weight.scale, bias, *geometry)
+    return torch.ops.quant.conv2d_int4(x, weight.qdata, weight.scale, weight.zero_point, bias, *geometry)
 
 
 def active_isa() -> str:

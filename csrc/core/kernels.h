@@ -28,6 +28,10 @@ struct LinearKernels {
                     float* y, int64_t n_begin, int64_t n_end);
   // Dynamic per-row int8 quantization of x [m][k] into xq [m][k_pad] and x_scale [m] (see formats.h).
   void (*quantize_rows)(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* x_scale);
+  // Weight rows [n_begin, n_end) as float32, out [n_end - n_begin][w.k]: (code - zero) * scale, rounded once,
+  // as the reference dequantizes. For tall float inputs, where a float GEMM on decoded panels beats decoding
+  // every weight in the inner loop.
+  void (*dequantize_rows)(const WeightView& w, int64_t n_begin, int64_t n_end, float* out);
 };
 
 const char* isa_name(Isa isa);

@@ -6,7 +6,8 @@
 namespace qk {
 
 const LinearKernels& amx_kernels() {
-  static const LinearKernels table{"amx", linear_f32_amx, amx::linear_a8, avx512_kernels().quantize_rows};
+  static const LinearKernels table{"amx", linear_f32_amx, amx::linear_a8, avx512_kernels().quantize_rows,
+                                    dequantize_rows_avx512};
   return table;
 }
 

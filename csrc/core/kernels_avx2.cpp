@@ -7,7 +7,8 @@
 namespace qk {
 
 const LinearKernels& avx2_kernels() {
-  static const LinearKernels table{"avx2", linear_f32_avx2, avx2::linear_a8, avx2::quantize_rows};
+  static const LinearKernels table{"avx2", linear_f32_avx2, avx2::linear_a8, avx2::quantize_rows,
+                                  dequantize_rows_avx2};
   return table;
 }
 

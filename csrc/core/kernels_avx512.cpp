@@ -7,7 +7,8 @@
 namespace qk {
 
 const LinearKernels& avx512_kernels() {
-  static const LinearKernels table{"avx512", linear_f32_avx512, avx512::linear_a8, avx512::quantize_rows};
+  static const LinearKernels table{"avx512", linear_f32_avx512, avx512::linear_a8, avx512::quantize_rows,
+                                    dequantize_rows_avx512};
   return table;
 }
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "dequantize_rows.h"
 #include "kernels.h"
 #include "linear_f32.h"
 #include "reference.h"
@@ -81,10 +82,14 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* 
   for (int64_t r = 0; r < m; ++r) x_scale[r] = ref::quantize_activation_row(x + r * k, k, k_pad, xq + r * k_pad);
 }
 
+void dequantize_rows(const WeightView& w, int64_t n_begin, int64_t n_end, float* out) {
+  dequantize_rows_loop(w, n_begin, n_end, out);
+}
+
 }  // namespace
 
 const LinearKernels& portable_kernels() {
-  static const LinearKernels table{"portable", linear_f32, linear_a8, quantize_rows};
+  static const LinearKernels table{"portable", linear_f32, linear_a8, quantize_rows, dequantize_rows};
   return table;
 }
 

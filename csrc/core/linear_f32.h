@@ -25,6 +25,9 @@ void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t 
                     int64_t n_begin, int64_t n_end);
 void linear_f32_avx2(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                      int64_t n_begin, int64_t n_end);
+// The dequantize_rows slot of the avx2 and avx512 (and amx) tables: dequantize_rows.h at each vector width.
+void dequantize_rows_avx2(const WeightView& w, int64_t n_begin, int64_t n_end, float* out);
+void dequantize_rows_avx512(const WeightView& w, int64_t n_begin, int64_t n_end, float* out);
 
 // The scales and zero points of one weight row, by group. WeightView::zero() and n_groups() divide by
 // group_len on every call, which costs more than the rest of a 128-weight block in an inner loop.

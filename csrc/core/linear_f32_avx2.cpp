@@ -20,6 +20,8 @@
 
 #pragma GCC target("avx2,fma")
 
+#include "dequantize_rows.h"
+
 namespace qk {
 namespace {
 
@@ -190,6 +192,10 @@ void linear_f32_avx2(const WeightView& w, const void* x, ActType x_type, int64_t
       }
     }
   }
+}
+
+void dequantize_rows_avx2(const WeightView& w, int64_t n_begin, int64_t n_end, float* out) {
+  dequantize_rows_loop(w, n_begin, n_end, out);
 }
 
 }  // namespace qk

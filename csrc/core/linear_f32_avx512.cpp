@@ -32,6 +32,8 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 
+#include "dequantize_rows.h"
+
 namespace qk {
 namespace {
 
@@ -372,6 +374,10 @@ void linear_f32_avx512(const WeightView& w, const void* x, ActType x_type, int64
       }
     }
   }
+}
+
+void dequantize_rows_avx512(const WeightView& w, int64_t n_begin, int64_t n_end, float* out) {
+  dequantize_rows_loop(w, n_begin, n_end, out);
 }
 
 }  // namespace qk

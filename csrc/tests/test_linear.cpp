@@ -217,6 +217,22 @@ void check_quantize_special_rows(qk::Isa isa) {
   }
 }
 
+// dequantize_rows of rows [n0, n1) bit for bit against the reference, into a buffer of exactly the rows' size
+// (the sanitizer build catches a write past it).
+void check_dequantize_rows(qk::Isa isa, std::mt19937& rng, int bits, bool symmetric, int64_t n, int64_t k,
+                           int64_t group_size) {
+  const auto w = qk_test::make_weight(rng, bits, symmetric, n, k, group_size);
+  const int64_t n0 = n / 3, n1 = n;
+  std::vector<float> got((n1 - n0) * k, std::numeric_limits<float>::quiet_NaN()), want(k);
+  qk::kernels(isa).dequantize_rows(w.view, n0, n1, got.data());
+  for (int64_t r = n0; r < n1; ++r) {
+    qk::ref::dequantize_row(w.view, r, want.data());
+    CHECK(std::memcmp(want.data(), got.data() + (r - n0) * k, k * sizeof(float)) == 0,
+          "%s dequantize_rows bits=%d sym=%d n=%ld k=%ld g=%ld: row %ld differs", qk::kernels(isa).name, bits,
+          symmetric, (long)n, (long)k, (long)group_size, (long)r);
+  }
+}
+
 }  // namespace
 
 // The float16 decoder against the definition, for every bit pattern.
@@ -280,6 +296,8 @@ int main() {
           for (int64_t m : {1, 7, 130})
             for (auto nk : {std::pair<int64_t, int64_t>{1, 1}, {45, 7}, {33, 100}, {19, 515}, {5, 1000}})
               check_integer_sums(isa, rng, bits, symmetric, m, nk.first, nk.second, g);
+          for (auto nk : {std::pair<int64_t, int64_t>{1, 1}, {4, 31}, {7, 257}, {5, 1000}, {3, 1101}})
+            check_dequantize_rows(isa, rng, bits, symmetric, nk.first, nk.second, g);
         }
       }
     check_quantize_special_rows(isa);

@@ -42,6 +42,20 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   at::Tensor xf = x.to(at::kFloat).contiguous(memory_format);
   at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
+  if (!quantize_input && !(groups == c && groups == cout) && batch * oh * ow >= kFloatGemmMinRows) {
+    // Weight-only over many output pixels: torch's float conv on the weight dequantized per call, for the
+    // reason linear_by_panels exists (common.h). A conv's weight is small beside its activations, so its
+    // decode is cheap. Depthwise convs stay on the direct kernel, which beats the float conv.
+    at::Tensor wf = at::empty({cout, c / groups, kernel_size[0], kernel_size[1]}, xf.options());
+    const auto& kern = qk::active_kernels();
+    parallel_over_rows(cout, [&](int64_t b, int64_t e) {
+      kern.dequantize_rows(w.view, b, e, wf.data_ptr<float>() + b * k);
+    });
+    at::Tensor y = at::conv2d(xf, wf, bias_f.defined() ? c10::optional<at::Tensor>(bias_f) : c10::nullopt, stride,
+                              padding, dilation, groups);
+    return y.contiguous(memory_format).to(x.scalar_type());
+  }
+
   qk::Conv2dShape shape;
   shape.batch = batch;
   shape.in_channels = c;
