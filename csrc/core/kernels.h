@@ -41,6 +41,10 @@ bool isa_supported(Isa isa);
 // AMX-TILE, AMX-BF16 and AMX-INT8 present and the tile state granted by the OS (asked for on the first call):
 // with AVX-512, the amx level. Its kernels also check it, so that no call ever faults.
 bool amx_usable();
+// Whether the amx table's linear_f32 runs this product on AMX bf16 tiles (int4 weights in whole 64-byte
+// blocks, bfloat16/float16 rows, usable AMX); otherwise it runs the avx512 FMA kernel. Compiled for the amx
+// level like that kernel: call it only where active_isa() is amx.
+bool amx_tiles_apply(const WeightView& w, ActType t, int64_t m);
 Isa best_isa();
 // QUANTKERNELS_ISA if set (it must name a supported ISA), else best_isa(); overridable by set_active_isa.
 Isa active_isa();

@@ -89,10 +89,6 @@ inline void tile_release() { asm volatile("tilerelease" ::: "memory"); }
 // bf16 pieces per activation value that sum to it exactly; float16 has 11 significant bits, bf16 8.
 int pieces_for(ActType t) { return t == ActType::bf16 ? 1 : 2; }
 
-bool use_tiles(const WeightView& w, ActType t, int64_t m) {
-  if (w.bits != 4 || !(w.group_len % kBlock == 0 || w.n_groups() == 1) || !amx_usable()) return false;
-  return (t == ActType::bf16 && m >= 2) || (t == ActType::f16 && m >= 3);
-}
 
 // Round to nearest even bf16, kept in the high half of each float32 lane. NaN stays NaN (quieted).
 inline __m512i to_bf16(__m512 v) {
@@ -307,9 +303,14 @@ void run_pass(const WeightView& w, int64_t n0, int rows, const Plan& plan, const
 
 }  // namespace
 
+bool amx_tiles_apply(const WeightView& w, ActType t, int64_t m) {
+  if (w.bits != 4 || !(w.group_len % kBlock == 0 || w.n_groups() == 1) || !amx_usable()) return false;
+  return (t == ActType::bf16 && m >= 2) || (t == ActType::f16 && m >= 3);
+}
+
 void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                     int64_t n_begin, int64_t n_end) {
-  if (!use_tiles(w, x_type, m)) return linear_f32_avx512(w, x, x_type, m, bias, y, n_begin, n_end);
+  if (!amx_tiles_apply(w, x_type, m)) return linear_f32_avx512(w, x, x_type, m, bias, y, n_begin, n_end);
   static const DecodeTables tables;
   Scratch scratch{};  // zeros: a C tile store fills only `columns` lanes of each row, the rest must stay 0
   for (int64_t s0 = 0; s0 < m; s0 += kRowsPerStage) {

@@ -143,13 +143,13 @@ inline qk::ActType act_type(at::ScalarType t) {
 // panels dequantized per call. The weight-only kernels decode in the inner loop, a cost per weight and row;
 // a panel's decode is paid once for all rows. Measured on 2 threads, weights in cache, kernel / GEMM route:
 // 4096x4096 at M = 32: 8.2 / 13.0 ms, M = 48: 12.2 / 12.4, M = 64: 16.3 / 12.2 (fp32 F.linear 12.4);
-// 1536x384 at M = 32: 0.28 / 0.32 ms, M = 48: 0.43 / 0.36. The exception: int4 weights with bfloat16/float16
-// rows on the amx path, whose kernel multiplies on AMX bf16 tiles, faster than a float32 GEMM.
+// 1536x384 at M = 32: 0.28 / 0.32 ms, M = 48: 0.43 / 0.36. The exception: products the amx path runs on AMX
+// bf16 tiles (qk::amx_tiles_apply), faster than a float32 GEMM.
 constexpr int64_t kFloatGemmMinRows = 48;
 
-inline bool use_float_gemm(const qk::WeightView& w, at::ScalarType x_type, int64_t m) {
+inline bool use_float_gemm(const qk::WeightView& w, qk::ActType x_type, int64_t m) {
   if (m < kFloatGemmMinRows) return false;
-  return !(w.bits == 4 && x_type != at::kFloat && qk::active_isa() == qk::Isa::amx && qk::amx_usable());
+  return !(qk::active_isa() == qk::Isa::amx && qk::amx_tiles_apply(w, x_type, m));
 }
 
 // y [m][n] = xf [m][k] @ W^T + bias, W decoded a panel of rows at a time, each panel's GEMM on one thread.
@@ -187,12 +187,12 @@ inline at::Tensor run_linear(const qk::WeightView& w, const at::Tensor& x2, cons
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const auto& kern = qk::active_kernels();
   if (!act_int8) {
-    if (use_float_gemm(w, x2.scalar_type(), m)) {
+    const qk::ActType type = act_type(x2.scalar_type());
+    if (use_float_gemm(w, type, m)) {
       linear_by_panels(kern, w, x2.to(at::kFloat).contiguous(), bias_f, y);
       return y;
     }
     const void* xp = x2.data_ptr();
-    const qk::ActType type = act_type(x2.scalar_type());
     parallel_over_rows(w.n, [&](int64_t b, int64_t e) {
       kern.linear_f32(w, xp, type, m, bias_ptr, y.data_ptr<float>(), b, e);
     });

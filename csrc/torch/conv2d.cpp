@@ -37,24 +37,9 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   // The core reads and writes float32: other dtypes are converted on the way in and out.
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const auto memory_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
-  if (batch == 0) return out.to(x.scalar_type());
+  if (batch == 0) return at::empty({0, cout, oh, ow}, x.options().memory_format(memory_format));
   at::Tensor xf = x.to(at::kFloat).contiguous(memory_format);
   at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-
-  if (!quantize_input && !(groups == c && groups == cout) && batch * oh * ow >= kFloatGemmMinRows) {
-    // Weight-only over many output pixels: torch's float conv on the weight dequantized per call, for the
-    // reason linear_by_panels exists (common.h). A conv's weight is small beside its activations, so its
-    // decode is cheap. Depthwise convs stay on the direct kernel, which beats the float conv.
-    at::Tensor wf = at::empty({cout, c / groups, kernel_size[0], kernel_size[1]}, xf.options());
-    const auto& kern = qk::active_kernels();
-    parallel_over_rows(cout, [&](int64_t b, int64_t e) {
-      kern.dequantize_rows(w.view, b, e, wf.data_ptr<float>() + b * k);
-    });
-    at::Tensor y = at::conv2d(xf, wf, bias_f.defined() ? c10::optional<at::Tensor>(bias_f) : c10::nullopt, stride,
-                              padding, dilation, groups);
-    return y.contiguous(memory_format).to(x.scalar_type());
-  }
 
   qk::Conv2dShape shape;
   shape.batch = batch;
@@ -71,6 +56,22 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   shape.dilation_h = dilation[0];
   shape.dilation_w = dilation[1];
   shape.groups = groups;
+
+  if (!quantize_input && !shape.depthwise() && batch * oh * ow >= kFloatGemmMinRows) {
+    // Weight-only over many output pixels: torch's float conv on the weight dequantized per call, for the
+    // reason linear_by_panels exists (common.h). A conv's weight is small beside its activations, so its
+    // decode is cheap. Depthwise convs stay on the direct kernel, which beats the float conv.
+    at::Tensor wf = at::empty({cout, c / groups, kernel_size[0], kernel_size[1]}, xf.options());
+    const auto& kern = qk::active_kernels();
+    parallel_over_rows(cout, [&](int64_t b, int64_t e) {
+      kern.dequantize_rows(w.view, b, e, wf.data_ptr<float>() + b * k);
+    });
+    at::Tensor y = at::conv2d(xf, wf, bias_f.defined() ? c10::optional<at::Tensor>(bias_f) : c10::nullopt, stride,
+                              padding, dilation, groups);
+    return y.contiguous(memory_format).to(x.scalar_type());
+  }
+
+  at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
   qk::Parallel parallel;
   parallel.num_threads = at::get_num_threads();
   parallel.for_range = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
