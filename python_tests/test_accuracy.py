@@ -111,8 +111,14 @@ def test_gptq_beats_rtn_on_output_error(bits, group_size, symmetric, act_order, 
 
 def test_gptq_grouped_conv_hessian_per_channel_group(rng):
     conv = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+    with torch.no_grad():  # from rng, so that a failing seed replays
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=rng) * 0.1)
     x = torch.randn(4, 8, 10, 10, generator=rng)
-    x[:, :4] = x[:, :4] @ torch.randn(10, 10, generator=rng)  # correlated pixels in the first channel group
+    # Each channel group's pixels correlated its own way (a shared component plus a random mix): its own
+    # Hessian, which GPTQ must use per group. With one group correlated by a plain random mix, the margin was
+    # thin enough to miss 0.9 on ~7 % of seeds; like this the worst of 300 seeds was 0.73.
+    for group in (slice(0, 4), slice(4, 8)):
+        x[:, group] = x[:, group] @ (torch.randn(10, 10, generator=rng) + 2.0)
     h = calibration.layer_input_rows(conv, x)
     h = h.transpose(1, 2) @ h
     qw = gptq(conv.weight, h, 4, None, True)
