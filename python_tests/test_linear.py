@@ -53,6 +53,16 @@ def test_int8_activations_tall_inputs(isa, bits, group_size, symmetric, m, rng):
     check(bits, True, x, qw, torch.randn(70, generator=rng))
 
 
+@pytest.mark.parametrize("bits,group_size,symmetric", WEIGHTS)
+def test_int8_activations_tall_narrow(isa, bits, group_size, symmetric, rng):
+    """More than 4 rows per output column: the threads split the rows and each packs every column; over 256
+    rows the AMX kernel reuses one packing for several row blocks. N = 37 ends inside a 32-column pair and
+    K = 300 needs padding to the 64-byte tile step (rows staged, not read in place)."""
+    x = torch.randn(600, 300, generator=rng)
+    qw = quantize_weight(torch.randn(37, 300, generator=rng), bits=bits, group_size=group_size, symmetric=symmetric)
+    check(bits, True, x, qw, torch.randn(37, generator=rng))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,group_size,symmetric", WEIGHTS)
 @pytest.mark.parametrize("m,n", [(48, 70), (130, 600)])

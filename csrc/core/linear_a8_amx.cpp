@@ -1,15 +1,19 @@
 // AMX-INT8 kernel for dynamic int8 activations (the linear_a8 slot of the amx table).
 //
-// Computed transposed, C^T[n][m] = sum_k W[n][k] * xq[m][k], so that weight rows are never transposed: an A tile
-// is 16 weight rows x 64 bytes of K as stored (int8, copied per block into an L1 buffer) or decoded from nibbles
-// (int4); a B tile is 16 quads of K x 16 activation rows, the "VNNI" layout, built once per call from xq (M x K
-// bytes, not N x K). tdpbssd multiplies signed by signed bytes, so int4 weights enter as code - zero (-15..15)
-// and no correction term is needed. One tdpbssd is 16 x 16 x 64 multiply-adds (1024 per cycle, 8 vpdpbusd).
+// C[m][n] = sum_k xq[m][k] * W[n][k] on the tile unit. An A tile is 16 activation rows x 64 bytes of K, loaded
+// from xq where it lies; a B tile is 16 quads of K x 16 weight columns in the "VNNI" layout, B[q][4c + j] =
+// W[c][4q + j], packed per call from the stored rows (int4 decoded to code - zero, -15..15). tdpbssd multiplies
+// signed by signed bytes, so no correction term is needed; one tdpbssd is 16 x 16 x 64 multiply-adds. C rows are
+// output rows, so the epilogue scales and writes y row by row, with no transpose.
 //
-// Per call (one thread's N range): stage the B layout of an M chunk; then per 32 output columns (two A tiles)
-// and K block (512 elements, the block's decoded weights reused from L1 by every row pass), per 32 activation
-// rows (two B tiles): four C tiles accumulate one segment (a group, or the block for per-channel weights) and
-// are scaled into float accumulators [32 n][M], transposed into y once the columns are done.
+// Per call (one thread's N range), per block of up to 256 activation rows (kept in L2), per 32 output columns
+// (two B tiles), per 32 activation rows (two A tiles): four C tiles run over K, one segment at a time. Weights
+// are packed once per call: per 32 columns just before use where one row block covers M, else all of the range
+// up front (N x K bytes), so that taller inputs do not pack them again for every row block.
+// A segment shares one scale per column: a group, or for per-channel weights up to kMaxSegmentK of K, so that
+// |sum| <= kMaxSegmentK * 127 * 127 stays inside int32. Segment sums are stored and read back one segment later
+// (a tile store does not forward to vector loads: read at once, the loads wait for it to reach the cache), and
+// scaled into float accumulators, or for a single segment straight into y.
 #include <immintrin.h>
 
 #include <cmath>
@@ -30,19 +34,18 @@
 namespace qk::amx {
 namespace {
 
-using a8::kKBlock;
-using a8::kMChunk;
 using simd512::load_bytes;
 using simd512::transpose16x16;
 
-constexpr int kTile = 16;       // rows of A, B and C tiles; int32 lanes of a C row
+constexpr int kTile = 16;       // rows of A and C tiles; int32 lanes of a C row; weight columns of a B tile
 constexpr int kTileBytes = 64;  // bytes of a tile row
-constexpr int kNr = 2 * kTile;  // output columns per pass: two A tiles
-constexpr int kMr = 2 * kTile;  // activation rows per pass: two B tiles
-constexpr int64_t kMaxSegments = kKBlock / 32;
+constexpr int kNr = 2 * kTile;  // output columns per pass: two B tiles
+constexpr int kMr = 2 * kTile;  // activation rows per pass: two A tiles
+constexpr int64_t kMaxSegmentK = 65536;
+constexpr int64_t kMBlock = 256;  // activation rows per row block: 256 x K = 1 MB of A at K = 4096
 
-// Tile registers (the tile intrinsics take literal numbers): C[a][b] = tmm(2a + b) for A tile a (columns) and
-// B tile b (rows); A[a] = tmm(4 + a); B[b] = tmm(6 + b).
+// Tile registers (the tile intrinsics take literal numbers): C[a][b] = tmm(2a + b) for A tile a (rows) and
+// B tile b (columns); A[a] = tmm(4 + a); B[b] = tmm(6 + b).
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -73,130 +76,115 @@ TileConfig tile_config(int64_t kk) {
   return c;
 }
 
-// Within every 16 elements, the decoded int4 weights hold the 8 low nibbles (elements 0, 2, .., 14) first, then
-// the 8 high nibbles; activations are staged in the same order.
-const __m128i kInt4Order = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+// How K is cut: steps of kk elements (one tdpbssd), segments of whole steps sharing a scale per column.
+struct Layout {
+  int64_t kk = 64;
+  int64_t steps = 0;         // k_pad rounded up to kk, in steps
+  int64_t segment_steps = 0;
+  int64_t n_groups = 1;
+  bool per_channel = true;
+  explicit Layout(const WeightView& w) : kk(k_step(w)), n_groups(w.n_groups()), per_channel(w.n_groups() == 1) {
+    steps = (w.k_pad + kk - 1) / kk;
+    segment_steps = per_channel ? std::min(steps, kMaxSegmentK / kk) : w.group_len / kk;
+  }
+  int64_t segments() const { return (steps + segment_steps - 1) / segment_steps; }
+  int64_t group_of(int64_t segment) const { return per_channel ? 0 : segment; }
+  int64_t b_tile_bytes() const { return kk / 4 * kTileBytes; }
+};
 
-// Stages `rows` rows of xq (k_pad columns) in the B layout: for each quad q of K and each row m < m_pad, the 4
-// bytes xq[m][4q..4q+3] at out + (q * m_pad + m) * 4. Rows past `rows` and columns past k_pad are zero.
-void stage_activations(const int8_t* xq, int64_t rows, int64_t m_pad, int64_t k_pad, int64_t k_round, bool int4,
-                       int8_t* out) {
-  const __m512i order = _mm512_broadcast_i32x4(kInt4Order);
+// Elements [e, e + kk) of weight row n as signed bytes in element order: int8 as stored, int4 as code - zero;
+// zero past k_pad.
+__m512i weight_bytes(const WeightView& w, int64_t n, int64_t e, int64_t kk) {
+  const int64_t avail = std::min(kk, w.k_pad - e);
+  if (w.bits == 8) return load_bytes(static_cast<const int8_t*>(w.qdata) + n * w.k_pad + e, avail);
+  const uint8_t* packed = static_cast<const uint8_t*>(w.qdata) + n * w.row_bytes() + e / 2;
+  const __mmask32 byte_mask = static_cast<__mmask32>((uint64_t{1} << (avail / 2)) - 1);  // avail is even
+  const __m512i words = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(byte_mask, packed));
+  // Word j holds byte j; as two bytes it becomes (low nibble, high nibble): elements 2j and 2j + 1.
+  const __m512i codes = _mm512_or_si512(_mm512_and_si512(words, _mm512_set1_epi16(0x000F)),
+                                        _mm512_and_si512(_mm512_slli_epi16(words, 4), _mm512_set1_epi16(0x0F00)));
+  const __mmask64 valid = avail >= 64 ? ~__mmask64{0} : (__mmask64{1} << avail) - 1;
+  const int zero = w.zero(n, e / w.group_len);
+  return _mm512_maskz_sub_epi8(valid, codes, _mm512_set1_epi8(static_cast<char>(zero)));
+}
+
+// Packs weight columns [n0, n0 + ncols), ncols <= 32, into two column tiles of B tiles: tile (h, step) at
+// out + (h * steps + step) * b_tile_bytes, 64-byte rows. Columns past ncols are zero.
+void pack_columns(const WeightView& w, const Layout& lay, int64_t n0, int64_t ncols, int8_t* out) {
   __m512i r[kTile];
-  for (int64_t m0 = 0; m0 < m_pad; m0 += kTile) {
-    for (int64_t e = 0; e < k_round; e += kTileBytes) {
-      for (int64_t i = 0; i < kTile; ++i) {
-        r[i] = m0 + i < rows ? load_bytes(xq + (m0 + i) * k_pad + e, k_pad - e) : _mm512_setzero_si512();
-        if (int4) r[i] = _mm512_shuffle_epi8(r[i], order);
+  for (int h = 0; h < 2; ++h)
+    for (int64_t step = 0; step < lay.steps; ++step) {
+      for (int c = 0; c < kTile; ++c) {
+        const int64_t col = h * kTile + c;
+        r[c] = col < ncols ? weight_bytes(w, n0 + col, step * lay.kk, lay.kk) : _mm512_setzero_si512();
       }
-      transpose16x16(r);
-      for (int64_t j = 0; j < kTile && e / 4 + j < k_round / 4; ++j)
-        _mm512_storeu_si512(out + ((e / 4 + j) * m_pad + m0) * 4, r[j]);
+      transpose16x16(r);  // r[q] lane c: quad q of column c
+      int8_t* tile = out + (h * lay.steps + step) * lay.b_tile_bytes();
+      for (int64_t q = 0; q < lay.kk / 4; ++q) _mm512_store_si512(tile + q * kTileBytes, r[q]);
     }
+}
+
+// The int32 sums of one pass's segment, waiting to be scaled: C tile t at c[t].
+struct alignas(64) SegmentSums {
+  int32_t c[4][kTile * kTile];
+};
+
+// A stored segment and where it goes.
+struct Pending {
+  const SegmentSums* sums = nullptr;
+  int64_t m0 = 0, rows = 0, n0 = 0, ncols = 0, segment = 0;
+  bool first = false, last = false;
+};
+
+struct Epilogue {
+  const WeightView& w;
+  const Layout& lay;
+  const float* x_scale;
+  const float* bias;
+  float* y;
+  float* acc;  // [kMr][kNr]
+
+  // Scales of segment s for columns n0 + 16h .. + 15 (zero past ncols).
+  __m512 column_scales(int64_t n0, int64_t ncols, int64_t s, int h) const {
+    const int64_t valid = std::clamp<int64_t>(ncols - h * kTile, 0, kTile);
+    if (valid == 0) return _mm512_setzero_ps();
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(lay.n_groups)));
+    const float* first = w.scale + (n0 + h * kTile) * lay.n_groups + lay.group_of(s);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>((1u << valid) - 1), index, first,
+                                    sizeof(float));
   }
-}
 
-// Decodes the weights of block b, columns [n0, n0 + ncols), into out [kNr][kKBlock] as signed bytes:
-// int8 copied, int4 as code - zero in kInt4Order; zero past ncols and past k_pad. Copying int8 rows too keeps the
-// A tiles of a block in L1 for every row pass: read in place, the rows (k_pad bytes apart, often a multiple of
-// 4 KiB) would all fall in one L1 set.
-void decode_block(const WeightView& w, const a8::Plan& plan, int64_t b, int64_t n0, int64_t ncols, int8_t* out) {
-  const int64_t begin = plan.block_begin(b), len = plan.block_len(b), row_bytes = w.row_bytes();
-  const auto* qdata = static_cast<const uint8_t*>(w.qdata);
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i first_half = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  const __m512i second_half = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-  const int64_t last_group = w.n_groups() - 1;
-  for (int64_t i = 0; i < kNr; ++i) {
-    int8_t* row_out = out + i * kKBlock;
-    if (i >= ncols) {
-      std::memset(row_out, 0, len);
-      continue;
+  // acc (+)= sums * scales, and on the segment that ends the pass, y = acc * x_scale + bias (NaN for a row whose
+  // x_scale is not finite).
+  void finish(const Pending& p) const {
+    __m512 scale[2], b[2];
+    __mmask16 keep[2];
+    for (int h = 0; h < 2; ++h) {
+      scale[h] = column_scales(p.n0, p.ncols, p.segment, h);
+      const int64_t valid = std::clamp<int64_t>(p.ncols - h * kTile, 0, kTile);
+      keep[h] = static_cast<__mmask16>((1u << valid) - 1);
+      b[h] = bias && valid > 0 ? _mm512_maskz_loadu_ps(keep[h], bias + p.n0 + h * kTile) : _mm512_setzero_ps();
     }
-    const uint8_t* row = qdata + (n0 + i) * row_bytes;
-    if (w.bits == 8) {
-      for (int64_t e = 0; e < len; e += 64)
-        _mm512_storeu_si512(row_out + e, load_bytes(row + begin + e, w.k_pad - begin - e));
-      continue;
-    }
-    for (int64_t e = 0; e < len; e += 128) {  // 64 stored bytes: 128 elements
-      const int64_t byte = (begin + e) / 2;
-      const __m512i packed = load_bytes(row + byte, row_bytes - byte);
-      const __m512i lo = _mm512_and_si512(packed, low);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-      // Per 128-bit part L: unpacklo holds elements 32L..32L+15 in kInt4Order, unpackhi elements 32L+16..32L+31.
-      const __m512i a = _mm512_unpacklo_epi64(lo, hi), c = _mm512_unpackhi_epi64(lo, hi);
-      for (int64_t half = 0; half < 2 && e + 64 * half < len; ++half) {
-        // Each 32 elements lie in one group (groups hold 32 or more); columns past k_pad take the last group's
-        // zero point (whatever they decode to meets zero activations).
-        const int64_t g0 = std::min(last_group, (begin + e + 64 * half) / w.group_len);
-        const int64_t g1 = std::min(last_group, (begin + e + 64 * half + 32) / w.group_len);
-        const __m512i zero = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi8(static_cast<char>(w.zero(n0 + i, g0))),
-                                                     _mm512_set1_epi8(static_cast<char>(w.zero(n0 + i, g1))));
-        const __m512i codes = _mm512_permutex2var_epi64(a, half ? second_half : first_half, c);
-        _mm512_storeu_si512(row_out + e + 64 * half, _mm512_sub_epi8(codes, zero));
-      }
-    }
-  }
-}
-
-// Scales of block b's segments for columns [n0, n0 + ncols): scales[s * kNr + i], zero past ncols.
-void block_scales(const WeightView& w, const a8::Plan& plan, int64_t b, int64_t n0, int64_t ncols, float* scales) {
-  const int64_t n_groups = w.n_groups();
-  const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(n_groups)));
-  for (int64_t s = 0; s < plan.n_segments(b); ++s) {
-    const int64_t g = plan.group_of(b, s);
-    for (int64_t half = 0; half < 2; ++half) {
-      const int64_t valid = std::clamp<int64_t>(ncols - half * kTile, 0, kTile);
-      const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
-      const float* first = w.scale + (n0 + half * kTile) * n_groups + g;
-      const __m512 v = valid == 0 ? _mm512_setzero_ps()
-                                  : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, index, first, sizeof(float));
-      _mm512_storeu_ps(scales + s * kNr + half * kTile, v);
-    }
-  }
-}
-
-// acc[i][m] (+)= scale[i] * C[i][m] for the four C tiles of one segment: i the column (0..31), m the row of the
-// pass (0..31); acc rows are m_pad floats apart. Overflow of C: |sum| <= 512 * 128 * 128 per segment.
-void add_segment(const float* scales, float* acc, int64_t m_pad, bool first) {
-  alignas(64) int32_t c[4][kTile * kTile];
-  _tile_stored(0, c[0], kTileBytes);
-  _tile_stored(1, c[1], kTileBytes);
-  _tile_stored(2, c[2], kTileBytes);
-  _tile_stored(3, c[3], kTileBytes);
-  for (int a = 0; a < 2; ++a)
-    for (int i = 0; i < kTile; ++i) {
-      const __m512 s = _mm512_set1_ps(scales[a * kTile + i]);
-      for (int b = 0; b < 2; ++b) {
-        float* out = acc + (a * kTile + i) * m_pad + b * kTile;
-        const __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * a + b] + i * kTile));
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(sum, s, first ? _mm512_setzero_ps() : _mm512_loadu_ps(out)));
-      }
-    }
-}
-
-// y[m][n0 + j] = acc[j][m] * x_scale[m] + bias[n0 + j] for m < rows, j < ncols; NaN where x_scale[m] is not finite.
-void write_rows(const float* acc, int64_t m_pad, int64_t rows, const float* x_scale, const float* bias, int64_t n0,
-                int64_t ncols, float* y, int64_t ldy) {
-  __m512i t[kTile];
-  for (int64_t j0 = 0; j0 < ncols; j0 += kTile) {
-    const int64_t cols = std::min<int64_t>(kTile, ncols - j0);
-    const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0 + j0) : _mm512_setzero_ps();
-    for (int64_t m0 = 0; m0 < rows; m0 += kTile) {
-      for (int i = 0; i < kTile; ++i) t[i] = _mm512_loadu_si512(acc + (j0 + i) * m_pad + m0);
-      transpose16x16(t);
-      for (int64_t i = 0; i < kTile && m0 + i < rows; ++i) {
-        const float s = x_scale[m0 + i];
-        const __m512 out = std::isfinite(s) ? _mm512_fmadd_ps(_mm512_castsi512_ps(t[i]), _mm512_set1_ps(s), b)
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const float s = x_scale[p.m0 + r];
+      for (int h = 0; h < 2; ++h) {
+        if (keep[h] == 0) continue;
+        const int32_t* c = p.sums->c[2 * (r / kTile) + h] + (r % kTile) * kTile;
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c)), scale[h]);
+        float* a = acc + r * kNr + h * kTile;
+        if (!p.first) v = _mm512_add_ps(v, _mm512_load_ps(a));
+        if (!p.last) {
+          _mm512_store_ps(a, v);
+          continue;
+        }
+        const __m512 out = std::isfinite(s) ? _mm512_fmadd_ps(v, _mm512_set1_ps(s), b[h])
                                             : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-        _mm512_mask_storeu_ps(y + (m0 + i) * ldy + n0 + j0, keep, out);
+        _mm512_mask_storeu_ps(y + (p.m0 + r) * w.n + p.n0 + h * kTile, keep[h], out);
       }
     }
   }
-}
+};
 
 }  // namespace
 
@@ -204,53 +192,80 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
                int64_t n_begin, int64_t n_end) {
   if (m <= 0 || n_begin >= n_end) return;
   if (!amx_usable()) return avx512::linear_a8(w, xq, x_scale, m, bias, y, n_begin, n_end);
-  const int64_t kk = k_step(w);
-  const a8::Plan plan(w, kk);
-  thread_local a8::Scratch<int8_t> staged_buf, weight_buf;
-  thread_local a8::Scratch<float> scale_buf, acc_buf;
-  const int64_t chunk = std::min(m, kMChunk);
-  const int64_t chunk_pad = a8::round_up(chunk, kMr);
-  int8_t* staged = staged_buf.get(chunk_pad * plan.k_round);
-  int8_t* decoded = weight_buf.get(kNr * kKBlock);
-  float* scales = scale_buf.get(kMaxSegments * kNr);
-  float* acc = acc_buf.get(kNr * chunk_pad);
-  const TileConfig config = tile_config(kk);
-  _tile_loadconfig(&config);
+  const Layout lay(w);
+  const int64_t k_stage = lay.steps * lay.kk;  // K of a staged activation row
+  thread_local a8::Scratch<int8_t> packed_buf, staged_buf;
+  thread_local a8::Scratch<SegmentSums> sums_buf;
+  thread_local a8::Scratch<float> acc_buf;
+  const int64_t pair_bytes = 2 * lay.steps * lay.b_tile_bytes();
+  const int64_t pairs = (n_end - n_begin + kNr - 1) / kNr;
+  const bool pack_once = m > kMBlock;
+  int8_t* packed = packed_buf.get((pack_once ? pairs : 1) * pair_bytes);
+  int8_t* staged = staged_buf.get(kMr * k_stage);
+  SegmentSums* sums = sums_buf.get(2);
+  float* acc = acc_buf.get(kMr * kNr);
+  const Epilogue epilogue{w, lay, x_scale, bias, y, acc};
+  auto columns = [&](int64_t j) { return std::min<int64_t>(kNr, n_end - n_begin - j * kNr); };
+  if (pack_once)
+    for (int64_t j = 0; j < pairs; ++j) pack_columns(w, lay, n_begin + j * kNr, columns(j), packed + j * pair_bytes);
+  // Activation rows are read in place by whole passes when K needs no padding; the last, partial pass (and
+  // every pass otherwise) is copied into a zero-padded buffer, so that no tile load reads past xq.
+  const bool in_place = k_stage == w.k_pad;
+  const int64_t whole_passes = in_place ? m / kMr : 0;
 
-  for (int64_t m0 = 0; m0 < m; m0 += chunk) {
-    const int64_t rows = std::min(chunk, m - m0), m_pad = a8::round_up(rows, kMr);
-    stage_activations(xq + m0 * w.k_pad, rows, m_pad, w.k_pad, plan.k_round, w.bits == 4, staged);
-    const int64_t b_stride = m_pad * 4;  // bytes from one quad of K to the next in the B layout
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr) {
-      const int64_t ncols = std::min<int64_t>(kNr, n_end - n0);
-      for (int64_t b = 0; b < plan.n_blocks(); ++b) {
-        decode_block(w, plan, b, n0, ncols, decoded);
-        block_scales(w, plan, b, n0, ncols, scales);
-        const int64_t seg_len = plan.segment_len(b);
-        for (int64_t mp = 0; mp < m_pad; mp += kMr) {
-          for (int64_t s = 0; s < plan.n_segments(b); ++s) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t e = s * seg_len; e < (s + 1) * seg_len; e += kk) {
-              const int8_t* bp = staged + (plan.block_begin(b) + e) / 4 * b_stride + mp * 4;
-              _tile_loadd(4, decoded + e, kKBlock);
-              _tile_loadd(5, decoded + kTile * kKBlock + e, kKBlock);
-              _tile_loadd(6, bp, b_stride);
-              _tile_loadd(7, bp + kTile * 4, b_stride);
-              _tile_dpbssd(0, 4, 6);
-              _tile_dpbssd(1, 4, 7);
-              _tile_dpbssd(2, 5, 6);
-              _tile_dpbssd(3, 5, 7);
-            }
-            add_segment(scales + s * kNr, acc + mp, m_pad, b == 0 && s == 0);
+  const TileConfig config = tile_config(lay.kk);
+  _tile_loadconfig(&config);
+  Pending pending;
+  int slot = 0;
+  for (int64_t mb = 0; mb < m; mb += kMBlock)
+    for (int64_t j = 0; j < pairs; ++j) {
+      const int64_t n0 = n_begin + j * kNr, ncols = columns(j);
+      const int8_t* b0 = packed + (pack_once ? j * pair_bytes : 0);
+      if (!pack_once) pack_columns(w, lay, n0, ncols, packed);
+      const int8_t* b1 = b0 + pair_bytes / 2;
+      for (int64_t m0 = mb; m0 < std::min(m, mb + kMBlock); m0 += kMr) {
+        const int64_t rows = std::min<int64_t>(kMr, m - m0);
+        const int8_t* a = xq + m0 * w.k_pad;
+        int64_t lda = w.k_pad;
+        if (m0 / kMr >= whole_passes) {
+          for (int64_t r = 0; r < kMr; ++r) {
+            int8_t* dst = staged + r * k_stage;
+            const int64_t copied = r < rows ? w.k_pad : 0;
+            std::memcpy(dst, a + r * w.k_pad, copied);
+            std::memset(dst + copied, 0, k_stage - copied);
           }
+          a = staged;
+          lda = k_stage;
+        }
+        for (int64_t s = 0; s < lay.segments(); ++s) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          const int64_t step_end = std::min(lay.steps, (s + 1) * lay.segment_steps);
+          for (int64_t step = s * lay.segment_steps; step < step_end; ++step) {
+            const int64_t e = step * lay.kk, bt = step * lay.b_tile_bytes();
+            _tile_loadd(4, a + e, lda);
+            _tile_loadd(5, a + kTile * lda + e, lda);
+            _tile_loadd(6, b0 + bt, kTileBytes);
+            _tile_loadd(7, b1 + bt, kTileBytes);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+          SegmentSums& out = sums[slot];
+          _tile_stored(0, out.c[0], kTileBytes);
+          _tile_stored(1, out.c[1], kTileBytes);
+          _tile_stored(2, out.c[2], kTileBytes);
+          _tile_stored(3, out.c[3], kTileBytes);
+          if (pending.sums) epilogue.finish(pending);
+          pending = Pending{&out, m0, rows, n0, ncols, s, s == 0, s + 1 == lay.segments()};
+          slot ^= 1;
         }
       }
-      write_rows(acc, m_pad, rows, x_scale + m0, bias, n0, ncols, y + m0 * w.n, w.n);
     }
-  }
+  if (pending.sums) epilogue.finish(pending);
   _tile_release();
 }
 

@@ -293,6 +293,9 @@ int main() {
           // Tall inputs (a second row chunk of the a8 kernels past 256 rows), K over several 512-element blocks.
           check_linear(isa, rng, bits, symmetric, 130, 21, 1100, g, true);
           check_linear(isa, rng, bits, symmetric, 270, 5, 200, g, false);
+          // Row blocks of the AMX a8 kernel sharing one packing, activations read in place (K a multiple of 64),
+          // and a partial last pass of 12 rows.
+          check_linear(isa, rng, bits, symmetric, 556, 40, 512, g, true);
           for (int64_t m : {1, 7, 130})
             for (auto nk : {std::pair<int64_t, int64_t>{1, 1}, {45, 7}, {33, 100}, {19, 515}, {5, 1000}})
               check_integer_sums(isa, rng, bits, symmetric, m, nk.first, nk.second, g);

@@ -178,6 +178,11 @@ inline void linear_by_panels(const qk::LinearKernels& kern, const qk::WeightView
   });
 }
 
+// The int8-activation kernels pack the weight columns of their range once per call and stage activations per
+// call: split over columns, every thread stages all M rows. From M > 4 N (measured: 25088 x 64 -> 256, 2 threads,
+// 9.6 ms split by columns) the rows are split instead, and each thread packs the whole (small) weight.
+constexpr int64_t kTallRatio = 4;
+
 // Runs y = x @ W^T + bias on 2-D contiguous rows x2 [m][k] (float32, bfloat16 or float16); returns float [m][n].
 // The weight-only kernels read x2 in its own dtype; the int8-activation path quantizes from float32.
 inline at::Tensor run_linear(const qk::WeightView& w, const at::Tensor& x2, const at::Tensor& bias_f, bool act_int8) {
@@ -205,6 +210,14 @@ inline at::Tensor run_linear(const qk::WeightView& w, const at::Tensor& x2, cons
     kern.quantize_rows(xf.data_ptr<float>() + b * w.k, e - b, w.k, w.k_pad, xq.data_ptr<int8_t>() + b * w.k_pad,
                        xs.data_ptr<float>() + b);
   });
+  if (m > kTallRatio * w.n) {  // tall and narrow (a conv-like GEMM): split the rows, each thread every column
+    at::parallel_for(0, (m + kRowTile - 1) / kRowTile, 1, [&](int64_t b, int64_t e) {
+      const int64_t r0 = b * kRowTile, r1 = std::min(m, e * kRowTile);
+      kern.linear_a8(w, xq.data_ptr<int8_t>() + r0 * w.k_pad, xs.data_ptr<float>() + r0, r1 - r0, bias_ptr,
+                     y.data_ptr<float>() + r0 * w.n, 0, w.n);
+    });
+    return y;
+  }
   parallel_over_rows(w.n, [&](int64_t b, int64_t e) {
     kern.linear_a8(w, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), m, bias_ptr, y.data_ptr<float>(), b, e);
   });
