@@ -1,4 +1,6 @@
 // The conv2d kernels for avx2: conv2d_simd.inc at 8 floats per vector.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -8,6 +10,7 @@
 // After every #include, so that only this file's own functions are compiled for avx2.
 #pragma GCC target("avx2,fma")
 #define QK_CONV_VEC_FLOATS 8
+#define QK_CONV_FMA(a, b, c) ((vfloat)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
 #include "conv2d_simd.inc"
 
 namespace qk {

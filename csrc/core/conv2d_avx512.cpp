@@ -1,4 +1,6 @@
 // The conv2d kernels for avx512: conv2d_simd.inc at 16 floats per vector.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -8,6 +10,7 @@
 // After every #include, so that only this file's own functions are compiled for avx512.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 #define QK_CONV_VEC_FLOATS 16
+#define QK_CONV_FMA(a, b, c) ((vfloat)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
 #include "conv2d_simd.inc"
 
 namespace qk {

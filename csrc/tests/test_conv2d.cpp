@@ -58,6 +58,31 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
             (long)i, x[i], q8[i], qf[i], want_q);
     }
   }
+  // Scales with inexact reciprocals (the AVX kernels divide by multiplying with one and correcting), and
+  // inputs on and next to the rounding ties (k + 0.5) * scale and the integers; a subnormal scale, whose
+  // reciprocal overflows; subnormal inputs.
+  std::uniform_real_distribution<float> unit(1.0f, 2.0f);
+  std::uniform_int_distribution<int> exponent(-80, 80);
+  std::vector<float> scales = {1e-40f, 3e-39f, 0x1p-64f, 0x1.fffffep-65f, 0x1p64f};
+  for (int i = 0; i < 300; ++i) scales.push_back(std::ldexp(unit(rng), exponent(rng)) / 127.0f);
+  for (float scale : scales) {
+    std::vector<float> x;
+    for (int k = -127; k < 127; k += 3)
+      for (float v : {(k + 0.5f) * scale, static_cast<float>(k) * scale})
+        for (float w : {v, std::nextafter(v, 1e30f), std::nextafter(v, -1e30f)})
+          if (std::fabs(w) <= 127 * scale) x.push_back(w);
+    for (float v : {1e-45f, -1e-45f, 1e-39f, 0.0f}) x.push_back(v);
+    const int64_t n = static_cast<int64_t>(x.size());
+    std::vector<int8_t> q8(n, 99);
+    std::vector<float> qf(n, kNaN);
+    ck.quantize_int8(x.data(), n, scale, q8.data());
+    ck.quantize_f32(x.data(), n, scale, qf.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float want_q = std::nearbyint(x[i] / scale);
+      CHECK(q8[i] == want_q && qf[i] == want_q, "%s quantize scale=%a x=%a: %d / %g vs %g", ck.name, scale, x[i],
+            q8[i], qf[i], want_q);
+    }
+  }
   std::uniform_int_distribution<int> byte(0, 255);
   for (int64_t cin : {1, 15, 16, 17, 40})
     for (int64_t taps : {1, 4, 9, 16, 25, 49}) {
