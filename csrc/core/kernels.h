@@ -42,7 +42,8 @@ bool isa_supported(Isa isa);
 // with AVX-512, the amx level. Its kernels also check it, so that no call ever faults.
 bool amx_usable();
 // Whether the amx table's linear_f32 runs this product on AMX bf16 tiles (int4 weights in whole 64-byte
-// blocks, bfloat16/float16 rows, usable AMX); otherwise it runs the avx512 FMA kernel. Compiled for the amx
+// blocks, 2 bfloat16 rows or 3 float16 / float32 rows or more, usable AMX); otherwise it runs the avx512 FMA
+// kernel. Compiled for the amx
 // level like that kernel: call it only where active_isa() is amx.
 bool amx_tiles_apply(const WeightView& w, ActType t, int64_t m);
 Isa best_isa();

@@ -1,9 +1,10 @@
-// AMX weight-only linear for int4 weights with bfloat16 / float16 activations: the linear_f32 slot of the amx
-// table.
+// AMX weight-only linear for int4 weights with float activations of a few rows or more: the linear_f32 slot of
+// the amx table.
 //
 // Tiles of 16 weight rows are decoded to bfloat16 (c - zero), which is exact for every code, and multiplied
 // with x on the tile unit (TDPBF16PS: exact bf16 products, float32 accumulation). x is split into bf16 pieces
-// whose sum is exactly x: one for bfloat16, two for float16 (11 significant bits); the pieces are extra columns
+// whose sum is exactly x: one for bfloat16, two for float16 (11 significant bits), three for float32 (24; a
+// piece below 2^-126 would be flushed by the tile unit, an error under 2^-126 * |w|); the pieces are extra columns
 // of the B tile, summed after the K loop. So the result has the error of a float32 dot product, and the
 // group's scale multiplies the tile's partial sums at the group's end.
 //
@@ -14,10 +15,10 @@
 //
 // When the tiles pay off (use_tiles): decoding to bf16 and storing the A tiles costs about two passes of the
 // AVX-512 FMA kernel over the same weights, and covers up to 16 columns; the FMA kernel's cost grows with M.
-// Measured on Sapphire Rapids (K = 4096, weights in L2), the tiles win from 2 bfloat16 rows and 3 float16 rows
-// (two columns each). float32 would take three pieces and never won (it stays on the FMA kernel), nor do
-// groups of 32 or 64 (they do not hold whole blocks) and int8 weights; all of these, and machines or OSes
-// without usable AMX, run linear_f32_avx512.
+// Measured on Sapphire Rapids (K = 4096, weights in L2, cycles per 128 weights, tiles / FMA): the tiles win from
+// 2 bfloat16 rows and 3 float16 or float32 rows (float32: M = 3 32 / 33-39, M = 4 36 / 52, M = 8 79 / 104,
+// M = 16 159 / 207; at M = 2 FMA wins, 24 / 28). Groups of 32 or 64 (they do not hold whole blocks) and int8
+// weights, and machines or OSes without usable AMX, run linear_f32_avx512.
 // GCC 12's AVX-512 headers pass self-initialised "undefined" vectors to masked builtins, which -Wall reports
 // as uninitialized at every use (GCC bug 105593, fixed in GCC 13); silenced for the header only.
 #pragma GCC diagnostic push
@@ -86,8 +87,8 @@ inline void tile_dpbf16ps() {
 inline void tile_load_config(const TileConfig& config) { asm volatile("ldtilecfg %0" ::"m"(config) : "memory"); }
 inline void tile_release() { asm volatile("tilerelease" ::: "memory"); }
 
-// bf16 pieces per activation value that sum to it exactly; float16 has 11 significant bits, bf16 8.
-int pieces_for(ActType t) { return t == ActType::bf16 ? 1 : 2; }
+// bf16 pieces per activation value that sum to it exactly: bf16 holds 8 significant bits, float16 11, float32 24.
+int pieces_for(ActType t) { return t == ActType::bf16 ? 1 : t == ActType::f16 ? 2 : 3; }
 
 
 // Round to nearest even bf16, kept in the high half of each float32 lane. NaN stays NaN (quieted).
@@ -305,7 +306,7 @@ void run_pass(const WeightView& w, int64_t n0, int rows, const Plan& plan, const
 
 bool amx_tiles_apply(const WeightView& w, ActType t, int64_t m) {
   if (w.bits != 4 || !(w.group_len % kBlock == 0 || w.n_groups() == 1) || !amx_usable()) return false;
-  return (t == ActType::bf16 && m >= 2) || (t == ActType::f16 && m >= 3);
+  return (t == ActType::bf16 && m >= 2) || m >= 3;
 }
 
 void linear_f32_amx(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,

@@ -143,13 +143,15 @@ inline qk::ActType act_type(at::ScalarType t) {
 // panels dequantized per call. The weight-only kernels decode in the inner loop, a cost per weight and row;
 // a panel's decode is paid once for all rows. Measured on 2 threads, weights in cache, kernel / GEMM route:
 // 4096x4096 at M = 32: 8.2 / 13.0 ms, M = 48: 12.2 / 12.4, M = 64: 16.3 / 12.2 (fp32 F.linear 12.4);
-// 1536x384 at M = 32: 0.28 / 0.32 ms, M = 48: 0.43 / 0.36. The exception: products the amx path runs on AMX
-// bf16 tiles (qk::amx_tiles_apply), faster than a float32 GEMM.
+// 1536x384 at M = 32: 0.28 / 0.32 ms, M = 48: 0.43 / 0.36. The exception: bfloat16 and float16 products the
+// amx path runs on AMX bf16 tiles (qk::amx_tiles_apply), faster than a float32 GEMM. float32 rows take three
+// bf16 pieces there, five rows per pass over the weights, a cost linear in M: 4096x4096 at M = 128 would take
+// ~29 ms on tiles against the GEMM's 19 (at M = 48, ~8 ms against 12; the GEMM route is kept from 48 rows).
 constexpr int64_t kFloatGemmMinRows = 48;
 
 inline bool use_float_gemm(const qk::WeightView& w, qk::ActType x_type, int64_t m) {
   if (m < kFloatGemmMinRows) return false;
-  return !(qk::active_isa() == qk::Isa::amx && qk::amx_tiles_apply(w, x_type, m));
+  return x_type == qk::ActType::f32 || !(qk::active_isa() == qk::Isa::amx && qk::amx_tiles_apply(w, x_type, m));
 }
 
 // y [m][n] = xf [m][k] @ W^T + bias, W decoded a panel of rows at a time, each panel's GEMM on one thread.
