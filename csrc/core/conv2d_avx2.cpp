@@ -9,8 +9,17 @@
 
 // After every #include, so that only this file's own functions are compiled for avx2.
 #pragma GCC target("avx2,fma")
+namespace qk {
+// Lanes i < n all ones: the mask operand of AVX2's masked loads and stores.
+inline __m256i avx2_lane_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+}  // namespace qk
+
 #define QK_CONV_VEC_FLOATS 8
 #define QK_CONV_FMA(a, b, c) ((vfloat)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define QK_CONV_LOAD_N(p, n) ((vfloat)_mm256_maskload_ps((p), qk::avx2_lane_mask(n)))
+#define QK_CONV_STORE_N(p, v, n) _mm256_maskstore_ps((p), qk::avx2_lane_mask(n), (__m256)(v))
 #include "conv2d_simd.inc"
 
 namespace qk {
