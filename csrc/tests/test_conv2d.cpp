@@ -31,6 +31,20 @@ qk::Parallel chunked(int64_t threads) {
   return p;
 }
 
+// Both quantizers give exactly nearbyint(x / scale) (a float32 division) on x.
+void check_quantizers(const qk::ConvKernels& ck, const std::vector<float>& x, float scale) {
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<int8_t> q8(n, 99);
+  std::vector<float> qf(n, kNaN);
+  ck.quantize_int8(x.data(), n, scale, q8.data());
+  ck.quantize_f32(x.data(), n, scale, qf.data());
+  for (int64_t i = 0; i < n; ++i) {
+    const float want_q = std::nearbyint(x[i] / scale);
+    CHECK(q8[i] == want_q && qf[i] == want_q, "%s quantize n=%ld scale=%a x=%a: %d / %g vs %g", ck.name, (long)n,
+          scale, x[i], q8[i], qf[i], want_q);
+  }
+}
+
 void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (int64_t n : {1, 5, 16, 17, 100, 1000}) {
@@ -48,15 +62,7 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
     const float scale = 0.25f;
     for (int64_t i = 0; i < n; ++i) x[i] = i % 3 == 0 ? scale * (std::floor(normal(rng)) + 0.5f) : normal(rng);
     for (auto& v : x) v = std::clamp(v, -127 * scale, 127 * scale);
-    std::vector<int8_t> q8(n, 99);
-    std::vector<float> qf(n, kNaN);
-    ck.quantize_int8(x.data(), n, scale, q8.data());
-    ck.quantize_f32(x.data(), n, scale, qf.data());
-    for (int64_t i = 0; i < n; ++i) {
-      const float want_q = std::nearbyint(x[i] / scale);
-      CHECK(q8[i] == want_q && qf[i] == want_q, "%s quantize n=%ld i=%ld x=%g: %d / %g vs %g", ck.name, (long)n,
-            (long)i, x[i], q8[i], qf[i], want_q);
-    }
+    check_quantizers(ck, x, scale);
   }
   // Scales with inexact reciprocals (the AVX kernels divide by multiplying with one and correcting), and
   // inputs on and next to the rounding ties (k + 0.5) * scale and the integers; a subnormal scale, whose
@@ -72,16 +78,7 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
         for (float w : {v, std::nextafter(v, 1e30f), std::nextafter(v, -1e30f)})
           if (std::fabs(w) <= 127 * scale) x.push_back(w);
     for (float v : {1e-45f, -1e-45f, 1e-39f, 0.0f}) x.push_back(v);
-    const int64_t n = static_cast<int64_t>(x.size());
-    std::vector<int8_t> q8(n, 99);
-    std::vector<float> qf(n, kNaN);
-    ck.quantize_int8(x.data(), n, scale, q8.data());
-    ck.quantize_f32(x.data(), n, scale, qf.data());
-    for (int64_t i = 0; i < n; ++i) {
-      const float want_q = std::nearbyint(x[i] / scale);
-      CHECK(q8[i] == want_q && qf[i] == want_q, "%s quantize scale=%a x=%a: %d / %g vs %g", ck.name, scale, x[i],
-            q8[i], qf[i], want_q);
-    }
+    check_quantizers(ck, x, scale);
   }
   std::uniform_int_distribution<int> byte(0, 255);
   for (int64_t cin : {1, 15, 16, 17, 40})
