@@ -43,8 +43,7 @@ bool isa_supported(Isa isa);
 bool amx_usable();
 // Whether the amx table's linear_f32 runs this product on AMX bf16 tiles (int4 weights in whole 64-byte
 // blocks, 2 bfloat16 rows or 3 float16 / float32 rows or more, usable AMX); otherwise it runs the avx512 FMA
-// kernel. Compiled for the amx
-// level like that kernel: call it only where active_isa() is amx.
+// kernel. Compiled for the amx level like that kernel: call it only where active_isa() is amx.
 bool amx_tiles_apply(const WeightView& w, ActType t, int64_t m);
 Isa best_isa();
 // QUANTKERNELS_ISA if set (it must name a supported ISA), else best_isa(); overridable by set_active_isa.

@@ -23,6 +23,7 @@
 #include "kernels.h"
 #include "linear_a8.h"
 #include "linear_a8_plan.h"
+#include "linear_f32.h"
 
 // After every #include, so that only this file's own functions are compiled for AVX-512 and AMX.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
@@ -84,20 +85,22 @@ struct Layout {
   int64_t segment_steps = 0;
   int64_t n_groups = 1;
   bool per_channel = true;
-  explicit Layout(const WeightView& w) : kk(k_step(w)), n_groups(w.n_groups()), per_channel(w.n_groups() == 1) {
+  explicit Layout(const WeightView& w) : kk(k_step(w)), n_groups(w.n_groups()), per_channel(n_groups == 1) {
     steps = (w.k_pad + kk - 1) / kk;
     segment_steps = per_channel ? std::min(steps, kMaxSegmentK / kk) : w.group_len / kk;
   }
   int64_t segments() const { return (steps + segment_steps - 1) / segment_steps; }
   int64_t group_of(int64_t segment) const { return per_channel ? 0 : segment; }
   int64_t b_tile_bytes() const { return kk / 4 * kTileBytes; }
-  // Bytes of one packed pair of column tiles: the B tiles, then the scales.
-  int64_t pair_bytes() const { return 2 * steps * b_tile_bytes() + segments() * kNr * sizeof(float); }
+  // A packed pair of column tiles: the B tiles of each (steps tiles apiece), then the scales.
+  int64_t column_tile_bytes() const { return steps * b_tile_bytes(); }
+  int64_t scales_offset() const { return 2 * column_tile_bytes(); }
+  int64_t pair_bytes() const { return scales_offset() + segments() * kNr * sizeof(float); }
 };
 
-// Elements [e, e + kk) of weight row n as signed bytes in element order: int8 as stored, int4 as code - zero;
-// zero past k_pad.
-inline __m512i weight_bytes(const WeightView& w, const Layout& lay, int64_t n, int64_t e) {
+// Elements [e, e + kk) of weight row n (its groups: `groups`) as signed bytes in element order: int8 as stored,
+// int4 as code - zero; zero past k_pad.
+inline __m512i weight_bytes(const WeightView& w, const Layout& lay, const RowGroups& groups, int64_t n, int64_t e) {
   const int64_t avail = std::min(lay.kk, w.k_pad - e);
   if (w.bits == 8) return load_bytes(static_cast<const int8_t*>(w.qdata) + n * w.k_pad + e, avail);
   const uint8_t* packed = static_cast<const uint8_t*>(w.qdata) + n * w.row_bytes() + e / 2;
@@ -107,15 +110,15 @@ inline __m512i weight_bytes(const WeightView& w, const Layout& lay, int64_t n, i
   const __m512i codes = _mm512_or_si512(_mm512_and_si512(words, _mm512_set1_epi16(0x000F)),
                                         _mm512_and_si512(_mm512_slli_epi16(words, 4), _mm512_set1_epi16(0x0F00)));
   const __mmask64 valid = avail >= 64 ? ~__mmask64{0} : (__mmask64{1} << avail) - 1;
-  // The zero point read directly: WeightView::zero divides by the group length on every call.
-  const int zero = w.zero_point ? w.zero_point[n * lay.n_groups + e / w.group_len] : kInt4SymmetricZero;
-  return _mm512_maskz_sub_epi8(valid, codes, _mm512_set1_epi8(static_cast<char>(zero)));
+  return _mm512_maskz_sub_epi8(valid, codes, _mm512_set1_epi8(static_cast<char>(groups.zero_of(e / w.group_len))));
 }
 
 // Packs weight columns [n0, n0 + ncols), ncols <= 32, into two column tiles of B tiles: tile (h, step) at
 // out + (h * steps + step) * b_tile_bytes, 64-byte rows; then the scales of every segment, [segment][32] floats.
 // Columns past ncols are zero.
 void pack_columns(const WeightView& w, const Layout& lay, int64_t n0, int64_t ncols, int8_t* out) {
+  RowGroups groups[kNr];
+  for (int64_t col = 0; col < ncols; ++col) groups[col] = RowGroups(w, n0 + col);
   __m512i r[kTile];
   for (int h = 0; h < 2; ++h)
     for (int64_t step = 0; step < lay.steps; ++step) {
@@ -129,16 +132,16 @@ void pack_columns(const WeightView& w, const Layout& lay, int64_t n0, int64_t nc
         // waited for its lines from memory (measured: packing took a third of a w4a8 call at M = 128).
         _mm_prefetch(static_cast<const char*>(w.qdata) + (n0 + col) * w.row_bytes() +
                          (step + kPackPrefetchSteps) * lay.kk * w.bits / 8, _MM_HINT_T0);
-        r[c] = weight_bytes(w, lay, n0 + col, step * lay.kk);
+        r[c] = weight_bytes(w, lay, groups[col], n0 + col, step * lay.kk);
       }
       transpose16x16(r);  // r[q] lane c: quad q of column c
-      int8_t* tile = out + (h * lay.steps + step) * lay.b_tile_bytes();
+      int8_t* tile = out + h * lay.column_tile_bytes() + step * lay.b_tile_bytes();
       for (int64_t q = 0; q < lay.kk / 4; ++q) _mm512_store_si512(tile + q * kTileBytes, r[q]);
     }
-  float* scales = reinterpret_cast<float*>(out + 2 * lay.steps * lay.b_tile_bytes());
+  float* scales = reinterpret_cast<float*>(out + lay.scales_offset());
   for (int64_t s = 0; s < lay.segments(); ++s)
     for (int64_t col = 0; col < kNr; ++col)
-      scales[s * kNr + col] = col < ncols ? w.scale[(n0 + col) * lay.n_groups + lay.group_of(s)] : 0.0f;
+      scales[s * kNr + col] = col < ncols ? groups[col].scale[lay.group_of(s)] : 0.0f;
 }
 
 // The int32 sums of one pass's segment, waiting to be scaled: C tile t at c[t].
@@ -231,8 +234,8 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
       const int64_t n0 = n_begin + j * kNr, ncols = columns(j);
       int8_t* b0 = packed + (pack_once ? j : j % 2) * pair_bytes;
       if (!pack_once) pack_columns(w, lay, n0, ncols, b0);
-      const int8_t* b1 = b0 + lay.steps * lay.b_tile_bytes();
-      const float* pair_scales = reinterpret_cast<const float*>(b0 + 2 * lay.steps * lay.b_tile_bytes());
+      const int8_t* b1 = b0 + lay.column_tile_bytes();
+      const float* pair_scales = reinterpret_cast<const float*>(b0 + lay.scales_offset());
       for (int64_t m0 = mb; m0 < std::min(m, mb + kMBlock); m0 += kMr) {
         const int64_t rows = std::min<int64_t>(kMr, m - m0);
         const int8_t* a = xq + m0 * w.k_pad;

@@ -90,7 +90,6 @@ inline void tile_release() { asm volatile("tilerelease" ::: "memory"); }
 // bf16 pieces per activation value that sum to it exactly: bf16 holds 8 significant bits, float16 11, float32 24.
 int pieces_for(ActType t) { return t == ActType::bf16 ? 1 : t == ActType::f16 ? 2 : 3; }
 
-
 // Round to nearest even bf16, kept in the high half of each float32 lane. NaN stays NaN (quieted).
 inline __m512i to_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
