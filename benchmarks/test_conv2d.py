@@ -43,7 +43,7 @@ class ConvImpl:
     weight_bytes: Callable[[Any], int]
     encoded: Callable[[torch.Tensor, Any], torch.Tensor]  # (W, weight state) -> the float64 W it convolves with
     rel_tol: float
-    copy: Callable[[Any], Any] = clone_tensors
+    copy: Callable[[Any, ConvShape], Any] = lambda state, shape: clone_tensors(state)  # another weight state
     act_int8: bool = False
 
 
@@ -56,6 +56,14 @@ def quantized(w: torch.Tensor, bits: int) -> QuantizedWeight:
     return quantize_weight(w, bits=bits, group_size=None, symmetric=True)
 
 
+def prepacked(qw: QuantizedWeight, shape: ConvShape) -> QuantizedWeight:
+    """Our weight as a model holds it: laid out for the kernels when loaded (what QuantizedConv2d does), as
+    torch.ao's module prepacks its weight when built. For both activation modes, which share these copies."""
+    for act_int8 in (False, True):
+        quantkernels.ops.prepack_conv2d(qw, shape.groups, act_int8)
+    return qw
+
+
 def ours(name, bits, act_int8, channels_last=False) -> ConvImpl:
     return ConvImpl(
         name=name,
@@ -63,11 +71,12 @@ def ours(name, bits, act_int8, channels_last=False) -> ConvImpl:
         ours=True,
         act_dtype=torch.float32,
         channels_last=channels_last,
-        make=lambda w, shape, x: quantized(w, bits),
+        make=lambda w, shape, x: prepacked(quantized(w, bits), shape),
         run=lambda x, qw, shape: quantkernels.conv2d(x, qw, act_int8=act_int8, **conv_args(shape)),
         weight_bytes=QuantizedWeight.nbytes,
         encoded=lambda w, qw: qw.dequantize(torch.float64),
         rel_tol=FP32_REL_TOL,
+        copy=lambda qw, shape: prepacked(clone_tensors(qw), shape),
         act_int8=act_int8,
     )
 
@@ -86,7 +95,7 @@ def float_conv(dtype, channels_last) -> ConvImpl:
         weight_bytes=tensor_bytes,
         encoded=lambda w, state: state.double(),
         rel_tol=FP32_REL_TOL if dtype == torch.float32 else BF16_REL_TOL,
-        copy=lambda w: w.clone(memory_format=memory_format),
+        copy=lambda w, shape: w.clone(memory_format=memory_format),
     )
 
 
@@ -117,7 +126,7 @@ def ao_conv(w: torch.Tensor, shape: ConvShape, x: torch.Tensor) -> AoConv:
     return AoConv(module, *uint8_qparams(x))
 
 
-def ao_copy(conv: AoConv) -> AoConv:
+def ao_copy(conv: AoConv, shape: ConvShape) -> AoConv:
     module = conv.module
     new = type(module)(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                        module.padding, groups=module.groups, bias=False)
@@ -210,7 +219,7 @@ def test_conv2d(bench, shape, impl, batch):
         impl=impl.name,
         ours=impl.ours,
         make=lambda: impl.make(w, shape, x.float()),
-        copy=impl.copy,
+        copy=lambda state: impl.copy(state, shape),
         call=lambda state: impl.run(x, state, shape),
         weight_bytes=impl.weight_bytes,
         flops=shape.flops(batch),

@@ -5,13 +5,16 @@ The cases reach every path of csrc/core/conv2d.cpp: depthwise (direct, NCHW plan
 (several groups along K), several bands per thread and the threads splitting output channels.
 """
 
+import dataclasses
+import gc
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quantkernels
-from quantkernels import reference
+from quantkernels import ops, reference
 from quantkernels.formats import quantize_weight
 from quantkernels.testing import assert_close_to_reference, conv2d_bound
 
@@ -112,6 +115,69 @@ def test_empty_batch(act_int8, channels_last, rng):
     out = quantkernels.conv2d(empty, qw, bias, *geometry[1:], act_int8=act_int8)
     assert out.shape == (0, 8, 9, 10)
     assert out.dtype == x.dtype
+
+
+def stored_copy(qw, inference=False):
+    """The same weight in fresh tensors; as inference tensors, which the binding cannot track, so every call
+    prepares it anew (the per-call path)."""
+    with torch.inference_mode(inference):
+        return dataclasses.replace(qw, qdata=qw.qdata.clone(), scale=qw.scale.clone(),
+                                   zero_point=None if qw.zero_point is None else qw.zero_point.clone())
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", WEIGHT_FORMATS)
+@pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "7x7_groups2", "many_pixels", "many_images", "depthwise"])
+def test_prepared_weight_matches_per_call(isa, name, act_int8, bits, group_size, symmetric, rng):
+    """A weight prepared once (ops.prepack_conv2d, the first call) gives the bits that preparing per call gives,
+    and both match the reference."""
+    x, qw, bias, geometry = make_problem(CASES[name], bits, group_size, symmetric, rng)
+    held = ops.prepack_conv2d(qw, geometry[-1], act_int8)
+    reordered = geometry[0] != [1, 1] and group_size is None and "depthwise" not in name
+    if reordered:  # a weight the GEMM reads in another order is held so
+        assert held > 0
+    prepared = run_and_check(x, qw, bias, geometry, act_int8)
+    per_call = quantkernels.conv2d(x, stored_copy(qw, inference=True), bias, *geometry[1:], act_int8=act_int8)
+    assert torch.equal(prepared, per_call)
+
+
+@pytest.mark.parametrize("write", ["in_place", "through_data", "replaced"])
+def test_prepared_weight_follows_writes(isa, write, rng):
+    """Writing the stored tensors after a call (in place, through .data, which torch's version counter misses,
+    or a new tensor) is seen by the next call, never answered from the stale layout."""
+    x, qw, bias, geometry = make_problem(CASES["many_pixels"], 8, None, True, rng)
+    quantkernels.conv2d(x, qw, bias, *geometry[1:], act_int8=True)
+    other = quantize_weight(torch.randn(qw.shape, generator=rng), bits=8)
+    if write == "in_place":
+        qw.qdata.copy_(other.qdata)
+        qw.scale.copy_(other.scale)
+    elif write == "through_data":
+        qw.qdata.data.copy_(other.qdata)
+        qw.scale.data.copy_(other.scale)
+    else:
+        qw = other
+    out = quantkernels.conv2d(x, qw, bias, *geometry[1:], act_int8=True)
+    fresh = quantkernels.conv2d(x, stored_copy(qw), bias, *geometry[1:], act_int8=True)
+    assert torch.equal(out, fresh)
+    run_and_check(x, qw, bias, geometry, True)
+
+
+def test_prepared_weights_live_with_their_tensors(rng):
+    gc.collect()  # earlier tests' weights, so that none of them goes during the counting
+    before = ops._C.prepacked_conv2d_weights()[0]
+    weights = [quantize_weight(torch.randn(16, 8, 3, 3, generator=rng), bits=4) for _ in range(3)]
+    assert all(ops.prepack_conv2d(w, act_int8=True) > 0 for w in weights)
+    assert ops._C.prepacked_conv2d_weights()[0] == before + 3
+    del weights
+    assert ops._C.prepacked_conv2d_weights()[0] == before
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Conv2d(16, 4, 3))
+    quantkernels.swap_to_quantized(model, bits=8, activations="int8")  # loading the weight prepares it
+    assert ops._C.prepacked_conv2d_weights()[0] == before + 2
+    with torch.inference_mode():
+        untracked = quantize_weight(torch.randn(16, 8, 3, 3, generator=rng), bits=8)
+    assert ops.prepack_conv2d(untracked) == 0
+    with pytest.raises(ValueError, match="4-D conv weight"):
+        ops.prepack_conv2d(quantize_weight(torch.randn(16, 8, generator=rng), bits=8))
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -209,6 +209,19 @@ def conv2d(
     return torch.ops.quant.conv2d_int4(x, weight.qdata, weight.scale, weight.zero_point, bias, *geometry)
 
 
+def prepack_conv2d(weight: QuantizedWeight, groups: int = 1, act_int8: bool = False) -> int:
+    """Lays a 4-D weight out for the CPU conv kernels of the active instruction set now, as its first
+    :func:`conv2d` call would: K reordered for the im2col rows and, with ``act_int8`` on an AMX CPU, packed
+    into tiles. Kept (beside the stored weight, never saved) while the weight's tensors live and are not written;
+    a write, or another instruction set, makes the next call prepare it again. :class:`QuantizedConv2d` calls
+    this when it loads its weight. Returns the bytes held: 0 for a CUDA weight or inference tensors (prepared per
+    call) and where the stored layout serves as it is."""
+    if weight.qdata.dim() != 2 or len(weight.shape) != 4:
+        raise ValueError(f"weight: got shape {tuple(weight.shape)}, expected a 4-D conv weight")
+    return _C.prepack_conv2d(weight.qdata, weight.scale, weight.zero_point, weight.shape[1] * groups,
+                             list(weight.shape[2:]), groups, act_int8)
+
+
 def active_isa() -> str:
     """The instruction set the CPU kernels use now ('portable', 'avx2', 'avx512' or 'amx')."""
     return _C.active_isa()

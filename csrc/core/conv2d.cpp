@@ -14,13 +14,15 @@
 namespace qk {
 namespace {
 
-// Output pixels per im2col band and GEMM call. The GEMM kernels pack the weight once per call, so a band should
-// be tall enough to amortise that over many rows (256 rows: the packing is a few percent of the MACs), and small
-// enough that the band stays in L2: 256 rows x K = 4608 (3x3 over 512 channels) is 1.2 MB of int8 of a 2 MB L2.
+// Output pixels per im2col band and GEMM call. Where the weight is not packed ahead (weight-only, or no packed
+// kernel) the GEMM kernels pack it once per call, so a band should be tall enough to amortise that over many
+// rows (256 rows: the packing is a few percent of the MACs), and small enough that the band stays in L2:
+// 256 rows x K = 4608 (3x3 over 512 channels) is 1.2 MB of int8 of a 2 MB L2.
 constexpr int64_t kBandRows = 256;
-// When the threads share one band (few pixels): output channels per GEMM task (the linear kernels' column tile),
-// and rows per im2col or store task.
+// When the threads share one band (few pixels): output channels per GEMM task (the linear kernels' column tile,
+// or the packed kernel's unit), and rows per im2col or store task.
 constexpr int64_t kColumnTile = 16;
+static_assert(kPackedA8Columns % kColumnTile == 0, "a packed unit is whole column tiles");
 constexpr int64_t kSharedRowChunk = 32;
 // Pixels per task that quantizes or transposes an image: NCHW rows are read in runs of 1 KB, and the NHWC block
 // written (256 x C) stays in L2 while the channels pass over it.
@@ -31,7 +33,7 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
-  reordered_weight, activations, shared_rows, shared_y, shared_scales,          // the calling thread's
+  prepared_weight, activations, shared_rows, shared_y, shared_scales,           // the calling thread's
   weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row,  // every worker's
   count
 };
@@ -143,12 +145,21 @@ void quantize_pixels(const ConvKernels& ck, const Conv2dShape& s, Layout layout,
     for (int64_t p = 0; p < np; ++p) std::memset(dst + p * ld + C, 0, ld - C);
 }
 
-// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), in scratch memory. Only for one scale
-// group per row: the scale and zero point apply to the whole row, so they carry over unchanged. The padding past
-// K stays where it is.
-WeightView reorder_taps_major(const ConvKernels& ck, const WeightView& w, int64_t cin, int64_t taps,
+// The ng output channels of conv group g: rows [g * ng, (g + 1) * ng) of w.
+WeightView group_rows(const WeightView& w, int64_t g, int64_t ng) {
+  WeightView wg = w;
+  wg.n = ng;
+  wg.qdata = static_cast<const uint8_t*>(w.qdata) + g * ng * w.row_bytes();
+  wg.scale = w.scale + g * ng * w.n_groups();
+  if (w.zero_point) wg.zero_point = w.zero_point + g * ng * w.n_groups();
+  return wg;
+}
+
+// The weight with each row's K permuted from (cin, kh, kw) to (kh, kw, cin), into storage (w.n x w.row_bytes()).
+// Only for one scale group per row: the scale and zero point apply to the whole row, so they carry over
+// unchanged. The padding past K stays where it is.
+WeightView reorder_taps_major(const ConvKernels& ck, const WeightView& w, int64_t cin, int64_t taps, uint8_t* storage,
                               const Parallel& par) {
-  uint8_t* storage = scratch<uint8_t>(Scratch::reordered_weight, w.n * w.row_bytes());
   run_for(par, w.n, [&](int64_t n0, int64_t n1) {
     // int4 rows are unpacked to one code per byte, reordered, and packed again.
     uint8_t* codes = w.bits == 4 ? scratch<uint8_t>(Scratch::weight_codes, 2 * w.k_pad) : nullptr;
@@ -183,8 +194,7 @@ struct GemmConv {
   Layout layout;
   const LinearKernels& lk;
   const ConvKernels& ck;
-  WeightView w;              // K in (kh, kw, cin) order when taps_major, else the stored (cin, kh, kw)
-  bool taps_major;
+  const PreparedConvWeight& pw;
   const T* in;               // NHWC activations, ld_in elements per pixel
   int64_t ld_in;
   bool direct;               // 1x1, stride 1, unpadded, one group: the GEMM rows are `in` itself
@@ -197,21 +207,17 @@ struct GemmConv {
   // Groups == 1 into NHWC: the GEMM's [pixel][channel] rows are the output itself.
   bool writes_out() const { return s.groups == 1 && layout == Layout::nhwc; }
 
-  WeightView group_weight(int64_t g) const {
-    WeightView wg = w;
-    const int64_t rows = s.group_out();
-    wg.n = rows;
-    wg.qdata = static_cast<const uint8_t*>(w.qdata) + g * rows * w.row_bytes();
-    wg.scale = w.scale + g * rows * w.n_groups();
-    if (w.zero_point) wg.zero_point = w.zero_point + g * rows * w.n_groups();
-    return wg;
-  }
+  WeightView group_weight(int64_t g) const { return group_rows(pw.view, g, s.group_out()); }
 
   void gemm(int64_t g, const T* rows, int64_t m, const float* row_scale, float* y, int64_t n0, int64_t n1) const {
     const float* bias_g = bias ? bias + g * s.group_out() : nullptr;
-    if constexpr (std::is_same_v<T, int8_t>)
-      lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1);
-    else
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (pw.packed)
+        lk.linear_a8_packed(group_weight(g), pw.packed + g * pw.packed_group_bytes, rows, row_scale, m, bias_g, y, n0,
+                            n1);
+      else
+        lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1);
+    } else
       lk.linear_f32(group_weight(g), rows, ActType::f32, m, bias_g, y, n0, n1);
   }
 
@@ -230,6 +236,7 @@ struct GemmConv {
     const int64_t OW = s.out_width(), cg = s.group_in(), taps = s.taps(), k = s.k();
     // Taps of one kernel row read neighbouring pixels: with dilation 1 and the pixels' channels adjacent
     // (one group), a whole kernel row is one contiguous copy.
+    const bool taps_major = pw.taps_major;
     const bool row_runs = taps_major && s.dilation_w == 1 && cg == ld_in;
     int64_t b = r0 / out_pixels(), oh = r0 % out_pixels() / OW, ow = r0 % OW;  // of row r, stepped along
     for (int64_t r = r0; r < r1; ++r, ++ow) {
@@ -325,8 +332,9 @@ struct GemmConv {
           const int64_t r0 = i0 * kSharedRowChunk, r1 = std::min(M, i1 * kSharedRowChunk);
           im2col(g, r0, r1, rows_buf + r0 * row_len);
         });
-      run_for(par, (ng + kColumnTile - 1) / kColumnTile, [&](int64_t t0, int64_t t1) {
-        gemm(g, rows, M, scale_buf, y, t0 * kColumnTile, std::min(ng, t1 * kColumnTile));
+      const int64_t tile = pw.packed ? kPackedA8Columns : kColumnTile;
+      run_for(par, (ng + tile - 1) / tile, [&](int64_t t0, int64_t t1) {
+        gemm(g, rows, M, scale_buf, y, t0 * tile, std::min(ng, t1 * tile));
       });
       if (!writes_out())
         run_for(par, pixel_blocks, [&](int64_t i0, int64_t i1) {
@@ -425,18 +433,76 @@ const ConvKernels& conv_kernels(Isa isa) {
   return portable_conv_kernels();
 }
 
+namespace {
+
+// What prepare_conv_weight builds for a weight: its memory is the reordered rows, then the packed groups.
+struct PreparedPlan {
+  bool taps_major = false;
+  int64_t reordered_bytes = 0;     // 0: the GEMMs read the stored rows
+  int64_t packed_group_bytes = 0;  // 0: not packed
+  int64_t groups = 1;
+
+  PreparedPlan(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input) {
+    if (s.depthwise()) return;  // the direct kernel dequantizes the stored rows
+    taps_major = s.taps() == 1 || w.n_groups() == 1;
+    groups = s.groups;
+    if (s.taps() > 1 && taps_major) reordered_bytes = round_up_64(w.n * w.row_bytes());
+    const LinearKernels& lk = kernels(isa);
+    if (quantize_input && lk.packed_a8_bytes) packed_group_bytes = lk.packed_a8_bytes(group_rows(w, 0, s.group_out()));
+  }
+  static int64_t round_up_64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+  int64_t bytes() const { return reordered_bytes + groups * packed_group_bytes; }
+};
+
+}  // namespace
+
+int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input) {
+  return PreparedPlan(isa, s, w, quantize_input).bytes();
+}
+
+PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input,
+                                       uint8_t* memory, const Parallel& par) {
+  const PreparedPlan plan(isa, s, w, quantize_input);
+  PreparedConvWeight p;
+  p.view = w;
+  p.taps_major = plan.taps_major;
+  if (plan.reordered_bytes > 0)
+    p.view = reorder_taps_major(conv_kernels(isa), w, s.group_in(), s.taps(), memory, par);
+  if (plan.packed_group_bytes > 0) {
+    int8_t* packed = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes);
+    const LinearKernels& lk = kernels(isa);
+    const int64_t ng = s.group_out(), units = (ng + kPackedA8Columns - 1) / kPackedA8Columns;
+    run_for(par, s.groups * units, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t g = i / units, n0 = i % units * kPackedA8Columns;
+        lk.pack_a8(group_rows(p.view, g, ng), n0, std::min(ng, n0 + kPackedA8Columns), packed + g * plan.packed_group_bytes);
+      }
+    });
+    p.packed = packed;
+    p.packed_group_bytes = plan.packed_group_bytes;
+  }
+  return p;
+}
+
 void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const WeightView& w, const float* bias,
             bool quantize_input, float* out, const Parallel& par) {
   if (s.batch == 0) return;
+  uint8_t* memory = scratch<uint8_t>(Scratch::prepared_weight, prepared_conv_weight_bytes(isa, s, w, quantize_input));
+  conv2d(isa, s, layout, x, prepare_conv_weight(isa, s, w, quantize_input, memory, par), bias, quantize_input, out,
+         par);
+}
+
+void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const PreparedConvWeight& pw,
+            const float* bias, bool quantize_input, float* out, const Parallel& par) {
+  if (s.batch == 0) return;
   const ConvKernels& ck = conv_kernels(isa);
   if (s.depthwise()) {
-    depthwise(ck, s, layout, x, w, bias, quantize_input, out, par);
+    depthwise(ck, s, layout, x, pw.view, bias, quantize_input, out, par);
     return;
   }
   const bool direct = s.taps() == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
                       s.groups == 1;
-  const bool taps_major = s.taps() == 1 || w.n_groups() == 1;
-  const WeightView weight = s.taps() > 1 && taps_major ? reorder_taps_major(ck, w, s.group_in(), s.taps(), par) : w;
+  const WeightView& w = pw.view;
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
@@ -447,9 +513,7 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
         for_each_image(ck, x, s.batch, image, blocks, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
           quantize_pixels(ck, s, layout, x, b, scale, u0 * kPixelBlock, std::min(u1 * kPixelBlock, pixels), xq, ld);
         });
-    GemmConv<int8_t>{s, layout, kernels(isa), ck, weight, taps_major, xq, ld, direct, w.k_pad, scales.data(), bias,
-                     out}
-        .run(par);
+    GemmConv<int8_t>{s, layout, kernels(isa), ck, pw, xq, ld, direct, w.k_pad, scales.data(), bias, out}.run(par);
     return;
   }
   const float* nhwc = x;
@@ -461,7 +525,7 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
     });
     nhwc = transposed;
   }
-  GemmConv<float>{s, layout, kernels(isa), ck, weight, taps_major, nhwc, C, direct, w.k, nullptr, bias, out}.run(par);
+  GemmConv<float>{s, layout, kernels(isa), ck, pw, nhwc, C, direct, w.k, nullptr, bias, out}.run(par);
 }
 
 }  // namespace qk

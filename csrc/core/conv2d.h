@@ -9,10 +9,11 @@
 // to int8 NHWC, then the integer GEMM (LinearKernels::linear_a8) with every im2col row carrying its image's scale.
 // Weight-only: float NHWC activations into LinearKernels::linear_f32.
 //
-// GEMM rows must list K in the stored weight's order, (cin, kh, kw). From NHWC that is a gather, so a weight with
-// one scale group per output channel is reordered per call to (kh, kw, cin) (a permutation of each row, which
-// keeps the one scale valid) and each im2col row is then kh*kw contiguous copies of cin values. A weight with
-// several groups along K cannot be reordered (its groups would no longer be contiguous): im2col gathers instead.
+// GEMM rows must list K in the weight's order, stored as (cin, kh, kw). From NHWC that is a gather, so a weight
+// with one scale group per output channel is reordered once (PreparedConvWeight) to (kh, kw, cin) (a permutation
+// of each row, which keeps the one scale valid) and each im2col row is then kh*kw contiguous copies of cin
+// values. A weight with several groups along K cannot be reordered (its groups would no longer be contiguous):
+// im2col gathers instead.
 #pragma once
 
 #include <cstdint>
@@ -49,12 +50,33 @@ struct Parallel {
   std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& body)> for_range;
 };
 
+// A stored conv weight laid out for the GEMM kernels of one ISA: K permuted to (kh, kw, cin) where the rows can
+// be (see above), and for int8 activations on a table with a packed kernel (LinearKernels::pack_a8), each group's
+// rows packed for it. It depends on the weight, the kernel size, the groups, the ISA and quantize_input only, so
+// it is built once (prepare_conv_weight) and reused by every call: the binding keeps one per weight tensor.
+struct PreparedConvWeight {
+  WeightView view;                 // what the GEMMs read: the stored weight, or its reordered copy
+  const int8_t* packed = nullptr;  // [groups][packed_group_bytes], or nullptr: the GEMMs pack per call
+  int64_t packed_group_bytes = 0;
+  bool taps_major = false;         // view's K is in (kh, kw, cin) order
+};
+
+// Bytes of memory prepare_conv_weight needs (0: it only points at w).
+int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& shape, const WeightView& w, bool quantize_input);
+// Prepares w into `memory` (64-byte aligned, prepared_conv_weight_bytes of it, alive as long as the result).
+PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& shape, const WeightView& w, bool quantize_input,
+                                       uint8_t* memory, const Parallel& parallel);
+
 // out = conv2d(x, W) + bias, in float32, on the kernels of `isa`.
 //   x:    float [batch][in_channels][height][width] in `layout` (NHWC: [batch][height][width][in_channels]).
-//   w:    the stored weight, w.n = out_channels, w.k = shape.k() in (cin, kh, kw) order.
+//   w:    the weight prepared for this isa, shape and quantize_input.
 //   bias: float [out_channels] or nullptr.
 //   out:  float [batch][out_channels][out_h][out_w] in `layout`.
 // The caller has checked the shapes (the binding does, message for message with quantkernels/ops.py).
+void conv2d(Isa isa, const Conv2dShape& shape, Layout layout, const float* x, const PreparedConvWeight& w,
+            const float* bias, bool quantize_input, float* out, const Parallel& parallel);
+// The same from the stored weight (w.n = out_channels, w.k = shape.k() in (cin, kh, kw) order), prepared for
+// this call in scratch memory.
 void conv2d(Isa isa, const Conv2dShape& shape, Layout layout, const float* x, const WeightView& w, const float* bias,
             bool quantize_input, float* out, const Parallel& parallel);
 

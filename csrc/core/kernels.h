@@ -32,7 +32,21 @@ struct LinearKernels {
   // as the reference dequantizes. For tall float inputs, where a float GEMM on decoded panels beats decoding
   // every weight in the inner loop.
   void (*dequantize_rows)(const WeightView& w, int64_t n_begin, int64_t n_end, float* out);
+
+  // A weight packed once for linear_a8, for callers that run it many times (conv). Only tables whose linear_a8
+  // repacks the weight per call have these; elsewhere they are null.
+  // Bytes of w packed whole, 0 where this machine cannot run the packed kernel (then call linear_a8).
+  int64_t (*packed_a8_bytes)(const WeightView& w) = nullptr;
+  // Packs rows [n_begin, n_end) of w into their place in `packed` (64-byte aligned, packed_a8_bytes(w) bytes);
+  // n_begin and n_end multiples of kPackedA8Columns (n_end may be w.n).
+  void (*pack_a8)(const WeightView& w, int64_t n_begin, int64_t n_end, int8_t* packed) = nullptr;
+  // linear_a8 on a packed weight; n_begin a multiple of kPackedA8Columns.
+  void (*linear_a8_packed)(const WeightView& w, const int8_t* packed, const int8_t* xq, const float* x_scale,
+                           int64_t m, const float* bias, float* y, int64_t n_begin, int64_t n_end) = nullptr;
 };
+
+// Output columns of one packed unit of pack_a8 / linear_a8_packed.
+constexpr int64_t kPackedA8Columns = 32;
 
 const char* isa_name(Isa isa);
 // Parses "portable", "avx2", "avx512" or "amx"; returns false on anything else.

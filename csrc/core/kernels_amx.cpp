@@ -7,7 +7,8 @@ namespace qk {
 
 const LinearKernels& amx_kernels() {
   static const LinearKernels table{"amx", linear_f32_amx, amx::linear_a8, avx512_kernels().quantize_rows,
-                                    dequantize_rows_avx512};
+                                    dequantize_rows_avx512, amx::packed_a8_bytes, amx::pack_a8,
+                                    amx::linear_a8_packed};
   return table;
 }
 

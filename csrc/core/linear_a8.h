@@ -21,5 +21,9 @@ namespace amx {
 // Runs avx512::linear_a8 where amx_usable() is false.
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
                int64_t n_begin, int64_t n_end);
+int64_t packed_a8_bytes(const WeightView& w);
+void pack_a8(const WeightView& w, int64_t n_begin, int64_t n_end, int8_t* packed);
+void linear_a8_packed(const WeightView& w, const int8_t* packed, const int8_t* xq, const float* x_scale, int64_t m,
+                      const float* bias, float* y, int64_t n_begin, int64_t n_end);
 }  // namespace amx
 }  // namespace qk

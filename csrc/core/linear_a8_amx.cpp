@@ -7,9 +7,10 @@
 // output rows, so the epilogue scales and writes y row by row, with no transpose.
 //
 // Per call (one thread's N range), per block of up to 256 activation rows (kept in L2), per 32 output columns
-// (two B tiles), per 32 activation rows (two A tiles): four C tiles run over K, one segment at a time. Weights
-// are packed once per call: per 32 columns just before use where one row block covers M, else all of the range
-// up front (N x K bytes), so that taller inputs do not pack them again for every row block.
+// (two B tiles), per 32 activation rows (two A tiles): four C tiles run over K, one segment at a time. linear_a8
+// packs the weights once per call: per 32 columns just before use where one row block covers M, else all of
+// the range up front (N x K bytes), so that taller inputs do not pack them again for every row block. Callers
+// that run one weight many times (conv) pack it once with pack_a8 and call linear_a8_packed.
 // A segment shares one scale per column: a group, or for per-channel weights up to kMaxSegmentK of K, so that
 // |sum| <= kMaxSegmentK * 127 * 127 stays inside int32. Segment sums are stored and read back one segment later
 // (a tile store does not forward to vector loads: read at once, the loads wait for it to reach the cache), and
@@ -41,6 +42,7 @@ using simd512::transpose16x16;
 constexpr int kTile = 16;       // rows of A and C tiles; int32 lanes of a C row; weight columns of a B tile
 constexpr int kTileBytes = 64;  // bytes of a tile row
 constexpr int kNr = 2 * kTile;  // output columns per pass: two B tiles
+static_assert(kNr == kPackedA8Columns, "a packed unit is one pass of columns");
 constexpr int kMr = 2 * kTile;  // activation rows per pass: two A tiles
 constexpr int64_t kMaxSegmentK = 65536;
 constexpr int64_t kPackPrefetchSteps = 8;  // how far ahead packing prefetches each weight row, in K steps
@@ -196,30 +198,20 @@ struct Epilogue {
   }
 };
 
-}  // namespace
-
-void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end) {
-  if (m <= 0 || n_begin >= n_end) return;
-  if (!amx_usable()) return avx512::linear_a8(w, xq, x_scale, m, bias, y, n_begin, n_end);
-  const Layout lay(w);
+// The product over columns [n_begin, n_end); pair(j) returns the packed bytes of pair j, the 32 columns from
+// n_begin + 32 j, and is called again for every row block.
+template <typename PairSource>
+void run_tiles(const WeightView& w, const Layout& lay, const int8_t* xq, const float* x_scale, int64_t m,
+               const float* bias, float* y, int64_t n_begin, int64_t n_end, const PairSource& pair) {
   const int64_t k_stage = lay.steps * lay.kk;  // K of a staged activation row
-  thread_local a8::Scratch<int8_t> packed_buf, staged_buf;
+  thread_local a8::Scratch<int8_t> staged_buf;
   thread_local a8::Scratch<SegmentSums> sums_buf;
   thread_local a8::Scratch<float> acc_buf;
-  const int64_t pair_bytes = lay.pair_bytes();
   const int64_t pairs = (n_end - n_begin + kNr - 1) / kNr;
-  const bool pack_once = m > kMBlock;
-  // Packed per pair, two buffers in turn: the last segment of a pair is finished (reading its scales) after the
-  // next pair has been packed.
-  int8_t* packed = packed_buf.get((pack_once ? pairs : 2) * pair_bytes);
   int8_t* staged = staged_buf.get(kMr * k_stage);
   SegmentSums* sums = sums_buf.get(2);
   float* acc = acc_buf.get(kMr * kNr);
   const Epilogue epilogue{w, lay, x_scale, bias, y, acc};
-  auto columns = [&](int64_t j) { return std::min<int64_t>(kNr, n_end - n_begin - j * kNr); };
-  if (pack_once)
-    for (int64_t j = 0; j < pairs; ++j) pack_columns(w, lay, n_begin + j * kNr, columns(j), packed + j * pair_bytes);
   // Activation rows are read in place by whole passes when K needs no padding; the last, partial pass (and
   // every pass otherwise) is copied into a zero-padded buffer, so that no tile load reads past xq.
   const bool in_place = k_stage == w.k_pad;
@@ -231,9 +223,8 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
   int slot = 0;
   for (int64_t mb = 0; mb < m; mb += kMBlock)
     for (int64_t j = 0; j < pairs; ++j) {
-      const int64_t n0 = n_begin + j * kNr, ncols = columns(j);
-      int8_t* b0 = packed + (pack_once ? j : j % 2) * pair_bytes;
-      if (!pack_once) pack_columns(w, lay, n0, ncols, b0);
+      const int64_t n0 = n_begin + j * kNr, ncols = std::min<int64_t>(kNr, n_end - n0);
+      const int8_t* b0 = pair(j);
       const int8_t* b1 = b0 + lay.column_tile_bytes();
       const float* pair_scales = reinterpret_cast<const float*>(b0 + lay.scales_offset());
       for (int64_t m0 = mb; m0 < std::min(m, mb + kMBlock); m0 += kMr) {
@@ -280,6 +271,58 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
     }
   if (pending.sums) epilogue.finish(pending);
   _tile_release();
+}
+
+}  // namespace
+
+void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
+               int64_t n_begin, int64_t n_end) {
+  if (m <= 0 || n_begin >= n_end) return;
+  if (!amx_usable()) return avx512::linear_a8(w, xq, x_scale, m, bias, y, n_begin, n_end);
+  const Layout lay(w);
+  thread_local a8::Scratch<int8_t> packed_buf;
+  const int64_t pair_bytes = lay.pair_bytes();
+  const int64_t pairs = (n_end - n_begin + kNr - 1) / kNr;
+  auto pack = [&](int64_t j, int8_t* out) {
+    const int64_t n0 = n_begin + j * kNr;
+    pack_columns(w, lay, n0, std::min<int64_t>(kNr, n_end - n0), out);
+  };
+  if (m > kMBlock) {  // several row blocks: pack the range once, up front
+    int8_t* packed = packed_buf.get(pairs * pair_bytes);
+    for (int64_t j = 0; j < pairs; ++j) pack(j, packed + j * pair_bytes);
+    run_tiles(w, lay, xq, x_scale, m, bias, y, n_begin, n_end,
+              [&](int64_t j) -> const int8_t* { return packed + j * pair_bytes; });
+    return;
+  }
+  // One row block: each pair packed just before use, two buffers in turn (the last segment of a pair is
+  // finished, reading its scales, after the next pair has been packed).
+  int8_t* packed = packed_buf.get(2 * pair_bytes);
+  run_tiles(w, lay, xq, x_scale, m, bias, y, n_begin, n_end, [&](int64_t j) -> const int8_t* {
+    int8_t* out = packed + j % 2 * pair_bytes;
+    pack(j, out);
+    return out;
+  });
+}
+
+int64_t packed_a8_bytes(const WeightView& w) {
+  if (!amx_usable()) return 0;
+  const Layout lay(w);
+  return (w.n + kNr - 1) / kNr * lay.pair_bytes();
+}
+
+void pack_a8(const WeightView& w, int64_t n_begin, int64_t n_end, int8_t* packed) {
+  const Layout lay(w);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr)
+    pack_columns(w, lay, n0, std::min<int64_t>(kNr, w.n - n0), packed + n0 / kNr * lay.pair_bytes());
+}
+
+void linear_a8_packed(const WeightView& w, const int8_t* packed, const int8_t* xq, const float* x_scale, int64_t m,
+                      const float* bias, float* y, int64_t n_begin, int64_t n_end) {
+  if (m <= 0 || n_begin >= n_end) return;
+  const Layout lay(w);
+  const int8_t* first = packed + n_begin / kNr * lay.pair_bytes();
+  run_tiles(w, lay, xq, x_scale, m, bias, y, n_begin, n_end,
+            [&](int64_t j) -> const int8_t* { return first + j * lay.pair_bytes(); });
 }
 
 }  // namespace qk::amx

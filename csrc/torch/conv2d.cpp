@@ -1,12 +1,156 @@
 // CPU implementations of the quant::conv2d_* ops: argument checks and tensor plumbing around qk::conv2d
-// (csrc/core/conv2d.h), which runs its phases over torch's thread pool.
+// (csrc/core/conv2d.h), which runs its phases over torch's thread pool, and the prepared weights it reuses.
+#include <cstring>
 #include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 #include "../core/conv2d.h"
 #include "common.h"
 
 namespace qk_torch {
 namespace {
+
+qk::Parallel torch_parallel() {
+  qk::Parallel parallel;
+  parallel.num_threads = at::get_num_threads();
+  parallel.for_range = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    at::parallel_for(0, n, 1, body);
+  };
+  return parallel;
+}
+
+// One tensor as it was when a prepared weight was built from it (see PreparedWeights).
+class TensorIdentity {
+ public:
+  static bool trackable(const at::Tensor& t) { return !t.is_inference() && t.is_contiguous(); }
+
+  explicit TensorIdentity(const at::Tensor& t)
+      : impl_(t.getIntrusivePtr()), data_(t.data_ptr()), version_(t._version()), sample_(sample(t)) {}
+
+  bool expired() const { return impl_.expired(); }
+  bool is(const at::Tensor& t) const { return impl_._unsafe_get_target() == t.unsafeGetTensorImpl(); }
+  bool matches(const at::Tensor& t) const {
+    return !expired() && is(t) && t.data_ptr() == data_ && t._version() == version_ && sample(t) == sample_;
+  }
+
+ private:
+  // A hash of 64 words spread over the tensor's bytes (all of them for a small tensor): a few cache lines.
+  static uint64_t sample(const at::Tensor& t) {
+    const auto* bytes = static_cast<const uint8_t*>(t.data_ptr());
+    const int64_t n = t.numel() * t.element_size(), words = n / 8, picks = std::min<int64_t>(words, 64);
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the picked words, then the bytes past the last word
+    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    for (int64_t i = 0; i < picks; ++i) {
+      uint64_t v;
+      std::memcpy(&v, bytes + i * words / picks * 8, 8);
+      mix(v);
+    }
+    for (int64_t i = words * 8; i < n; ++i) mix(bytes[i]);
+    return h;
+  }
+
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl_;
+  const void* data_;
+  int64_t version_;
+  uint64_t sample_;
+};
+
+// Prepared weights (qk::PreparedConvWeight: reordered K, packed for the int8 tile kernel), one per weight tensor
+// and configuration, built on the first call (or by prepack_conv2d when a module loads its weight) and reused
+// while the tensors live unchanged. A tensor is the same weight while its TensorImpl is alive, its data pointer
+// is the same, its version counter has not moved (any in-place write moves it) and a sample of its bytes reads
+// the same (a write through .data does not move the counter). Inference tensors have no version counter: they
+// are prepared per call.
+class PreparedWeights {
+ public:
+  struct Key {
+    int64_t kernel_h, kernel_w, groups;
+    qk::Isa isa;
+    bool quantize_input;
+    bool operator==(const Key& o) const {
+      return kernel_h == o.kernel_h && kernel_w == o.kernel_w && groups == o.groups && isa == o.isa &&
+             quantize_input == o.quantize_input;
+    }
+  };
+
+  struct Entry {
+    std::vector<TensorIdentity> tensors;  // qweight, scale, zero point (if any)
+    Key key;
+    at::Tensor memory;
+    qk::PreparedConvWeight prepared;
+  };
+
+  static PreparedWeights& instance() {
+    static PreparedWeights* cache = new PreparedWeights();  // never destroyed: calls may come during exit
+    return *cache;
+  }
+
+  // The prepared weight of w (bound from these tensors) for this configuration, or nullptr where the tensors
+  // cannot be tracked; builds it if there is none yet.
+  std::shared_ptr<const Entry> get(const qk::Conv2dShape& s, const BoundWeight& w, const at::Tensor& qweight,
+                                   const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
+                                   bool quantize_input) {
+    std::vector<const at::Tensor*> tensors{&qweight, &scale};
+    if (zero_point.has_value()) tensors.push_back(&*zero_point);
+    for (const at::Tensor* t : tensors)
+      if (!TensorIdentity::trackable(*t)) return nullptr;
+    const Key key{s.kernel_h, s.kernel_w, s.groups, qk::active_isa(), quantize_input};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& list = entries_[qweight.unsafeGetTensorImpl()];
+    for (auto it = list.begin(); it != list.end(); ++it) {
+      const Entry& e = **it;
+      if (!(e.key == key)) continue;
+      bool current = e.tensors.size() == tensors.size();
+      for (size_t i = 0; current && i < tensors.size(); ++i) current = e.tensors[i].matches(*tensors[i]);
+      if (current) return *it;
+      list.erase(it);  // its tensors were written or replaced since: built afresh below
+      --count_;
+      break;
+    }
+    auto e = std::make_shared<Entry>();
+    for (const at::Tensor* t : tensors) e->tensors.emplace_back(*t);
+    e->key = key;
+    const int64_t bytes = qk::prepared_conv_weight_bytes(key.isa, s, w.view, quantize_input);
+    e->memory = at::empty({std::max<int64_t>(bytes, 1)}, qweight.options().dtype(at::kByte));
+    e->prepared = qk::prepare_conv_weight(key.isa, s, w.view, quantize_input, e->memory.data_ptr<uint8_t>(),
+                                          torch_parallel());
+    list.push_back(e);
+    if (++count_ > 2 * live_after_purge_) purge();
+    return e;
+  }
+
+  // (count, bytes) of the entries whose weight is alive.
+  std::pair<int64_t, int64_t> live() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    purge();
+    int64_t bytes = 0;
+    for (const auto& [impl, list] : entries_)
+      for (const auto& e : list) bytes += e->memory.numel();
+    return {count_, bytes};
+  }
+
+ private:
+  // Drops the entries of weights that are gone; run when the count has doubled, so its cost is spread thin.
+  void purge() {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      auto& list = it->second;
+      const size_t before = list.size();
+      list.erase(std::remove_if(list.begin(), list.end(), [](const auto& e) { return e->tensors.front().expired(); }),
+                 list.end());
+      count_ -= static_cast<int64_t>(before - list.size());
+      it = list.empty() ? entries_.erase(it) : std::next(it);
+    }
+    live_after_purge_ = std::max<int64_t>(count_, 16);
+  }
+
+  std::mutex mutex_;
+  // By the qweight's TensorImpl: a live entry's weak reference keeps that address from being reused.
+  std::unordered_map<const c10::TensorImpl*, std::vector<std::shared_ptr<const Entry>>> entries_;
+  int64_t count_ = 0, live_after_purge_ = 16;
+};
 
 at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& zero_point, const c10::optional<at::Tensor>& bias,
@@ -72,14 +216,15 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   }
 
   at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
-  qk::Parallel parallel;
-  parallel.num_threads = at::get_num_threads();
-  parallel.for_range = [](int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-    at::parallel_for(0, n, 1, body);
-  };
-  qk::conv2d(qk::active_isa(), shape, channels_last ? qk::Layout::nhwc : qk::Layout::nchw, xf.data_ptr<float>(),
-             w.view, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, quantize_input, out.data_ptr<float>(),
-             parallel);
+  const auto layout = channels_last ? qk::Layout::nhwc : qk::Layout::nchw;
+  const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const auto prepared = PreparedWeights::instance().get(shape, w, qweight, scale, zero_point, quantize_input);
+  if (prepared)
+    qk::conv2d(prepared->key.isa, shape, layout, xf.data_ptr<float>(), prepared->prepared, bias_ptr, quantize_input,
+               out.data_ptr<float>(), torch_parallel());
+  else
+    qk::conv2d(qk::active_isa(), shape, layout, xf.data_ptr<float>(), w.view, bias_ptr, quantize_input,
+               out.data_ptr<float>(), torch_parallel());
   return out.to(x.scalar_type());
 }
 
@@ -98,6 +243,31 @@ at::Tensor conv2d_int4(const at::Tensor& x, const at::Tensor& qweight, const at:
 }
 
 }  // namespace
+
+int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
+                       int64_t in_channels, at::IntArrayRef kernel_size, int64_t groups, bool quantize_input) {
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size: got ",
+                    kernel_size, ", expected two positive ints");
+  const int64_t cout = qweight.dim() > 0 ? qweight.size(0) : 0;
+  TORCH_CHECK_VALUE(in_channels > 0 && groups > 0 && in_channels % groups == 0 && cout % groups == 0, "groups: got ",
+                    groups, ", expected a positive divisor of in_channels=", in_channels, " and out_channels=", cout);
+  const int bits = qweight.scalar_type() == at::kByte ? 4 : 8;
+  const int64_t k = in_channels / groups * kernel_size[0] * kernel_size[1];
+  const qk::WeightView view = check_weight(bits, k, qweight, scale, zero_point, qweight.device());
+  if (!qweight.device().is_cpu()) return 0;  // the CUDA kernels read the stored weight
+  BoundWeight w(view, qweight, scale, zero_point);
+  qk::Conv2dShape shape;
+  shape.in_channels = in_channels;
+  shape.out_channels = cout;
+  shape.kernel_h = kernel_size[0];
+  shape.kernel_w = kernel_size[1];
+  shape.groups = groups;
+  const auto prepared = PreparedWeights::instance().get(shape, w, qweight, scale, zero_point, quantize_input);
+  return prepared ? prepared->memory.numel() : 0;
+}
+
+std::pair<int64_t, int64_t> prepacked_conv2d_weights() { return PreparedWeights::instance().live(); }
+
 }  // namespace qk_torch
 
 TORCH_LIBRARY_IMPL(quant, CPU, m) {

@@ -7,6 +7,12 @@
 
 #include "../core/kernels.h"
 
+namespace qk_torch {  // conv2d.cpp
+int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
+                       int64_t in_channels, at::IntArrayRef kernel_size, int64_t groups, bool quantize_input);
+std::pair<int64_t, int64_t> prepacked_conv2d_weights();
+}  // namespace qk_torch
+
 // The schemas: the contract every backend (CPU here, CUDA in quantkernels/triton) implements.
 TORCH_LIBRARY(quant, m) {
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None) -> Tensor");
@@ -36,4 +42,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "', expected one of portable, avx2, avx512, amx");
     TORCH_CHECK_VALUE(qk::set_active_isa(isa), "isa: got '", name, "', which this CPU does not support");
   }, "Forces the CPU kernels onto one instruction set (what QUANTKERNELS_ISA does at start-up).");
+  m.def("prepack_conv2d", [](const at::Tensor& qweight, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& zero_point, int64_t in_channels,
+                             std::vector<int64_t> kernel_size, int64_t groups, bool quantize_input) {
+    return qk_torch::prepack_conv2d(qweight, scale, zero_point, in_channels, kernel_size, groups, quantize_input);
+  }, "Prepares a conv weight for the active instruction set now, as its first call would; returns its bytes.");
+  m.def("prepacked_conv2d_weights", &qk_torch::prepacked_conv2d_weights,
+        "(count, bytes) of the prepared conv weights held for live weight tensors.");
 }

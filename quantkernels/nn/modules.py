@@ -154,6 +154,15 @@ class QuantizedModule(nn.Module):
         self.qdata, self.scale, self.zero_point = weight.qdata, weight.scale, weight.zero_point
         if bias is not None:
             self.bias = bias.detach().clone()
+        self._weight_loaded()
+
+    def _weight_loaded(self) -> None:
+        """Called whenever the stored weight is set, loaded, moved or copied: where a kernel lays it out ahead."""
+
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle rebuild a module through here, with new weight tensors.
+        super().__setstate__(state)
+        self._weight_loaded()
 
     def _stored_tensor_problem(self, name: str, value) -> Optional[str]:
         current = getattr(self, name)
@@ -199,6 +208,7 @@ class QuantizedModule(nn.Module):
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._weight_loaded()
 
     def _apply(self, fn, recurse=True):
         # .to(dtype), .half() and friends convert every floating buffer; the stored scales are float32 by format,
@@ -207,6 +217,7 @@ class QuantizedModule(nn.Module):
         super()._apply(fn, recurse)
         if self.scale.dtype != scale.dtype:
             self.scale = scale.to(self.scale.device)
+        self._weight_loaded()
         return self
 
     def _format_repr(self) -> str:
@@ -336,6 +347,10 @@ class QuantizedConv2d(QuantizedModule):
         return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                    module.dilation, module.groups, bias is not None, module.padding_mode, config,
                    device=module.weight.device, dtype=None if bias is None else bias.dtype)
+
+    def _weight_loaded(self) -> None:
+        # Prepared now rather than by the first call (which would do it otherwise): see ops.prepack_conv2d.
+        ops.prepack_conv2d(self.quantized_weight(), self.groups, self.config.act_int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops.check_activation(x)
