@@ -106,8 +106,10 @@ struct ConvKernels {
   // out[i] = nearbyint(x[i] / scale) with a float32 division, for a finite scale > 0 (|x[i]| <= 127 * scale).
   void (*quantize_int8)(const float* x, int64_t n, float scale, int8_t* out);
   void (*quantize_f32)(const float* x, int64_t n, float scale, float* out);
-  // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols.
-  void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
+  // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols. stream: dst is not read again soon (the
+  // output of a large conv), so whole aligned vectors are written around the caches where the ISA can.
+  void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst,
+                    bool stream);
   // The same transpose, quantized as quantize_int8 does: NCHW floats into NHWC codes in one pass.
   void (*quantize_transposed)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float scale,
                               int8_t* dst, int64_t ld_dst);

@@ -20,6 +20,7 @@ inline __m256i avx2_lane_mask(int64_t n) {
 #define QK_CONV_FMA(a, b, c) ((vfloat)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
 #define QK_CONV_LOAD_N(p, n) ((vfloat)_mm256_maskload_ps((p), qk::avx2_lane_mask(n)))
 #define QK_CONV_STORE_N(p, v, n) _mm256_maskstore_ps((p), qk::avx2_lane_mask(n), (__m256)(v))
+#define QK_CONV_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
 #include "conv2d_simd.inc"
 
 namespace qk {

@@ -13,6 +13,7 @@
 #define QK_CONV_FMA(a, b, c) ((vfloat)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
 #define QK_CONV_LOAD_N(p, n) ((vfloat)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (n)) - 1), (p)))
 #define QK_CONV_STORE_N(p, v, n) _mm512_mask_storeu_ps((p), static_cast<__mmask16>((1u << (n)) - 1), (__m512)(v))
+#define QK_CONV_STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
 #include "conv2d_simd.inc"
 
 namespace qk {

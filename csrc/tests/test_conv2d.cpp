@@ -100,7 +100,7 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
       float absmax = 0.0f;
       for (float v : src) absmax = std::max(absmax, std::fabs(v));
       const float scale = absmax / 127.0f;
-      ck.transpose(src.data(), rows, cols, ld_src, dst.data(), ld_dst);
+      ck.transpose(src.data(), rows, cols, ld_src, dst.data(), ld_dst, rows % 2 == 1);  // odd rows: streamed
       ck.quantize_transposed(src.data(), rows, cols, ld_src, scale, codes.data(), ld_dst);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) {
