@@ -1,8 +1,9 @@
 """quant::conv2d_* on CPU, every ISA path, against the float64 reference.
 
 The cases reach every path of csrc/core/conv2d.cpp: depthwise (direct, NCHW planes or NHWC rows), 1x1 stride 1
-(the activation is the GEMM input), im2col with the weight reordered (one scale group per channel) or gathered
-(several groups along K), several bands per thread and the threads splitting output channels.
+(the activation is the GEMM input; on AMX with NCHW int8 activations, the planar product), im2col with the
+weight reordered (one scale group per channel) or gathered (several groups along K), several bands per thread
+and the threads splitting output channels; and the weight prepared once or per call.
 """
 
 import dataclasses
@@ -39,6 +40,7 @@ CASES = {
     "multiplier2": (2, 8, 16, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1), 8),
     "many_pixels": (3, 19, 37, (20, 21), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 1260 GEMM rows: several bands
     "many_images": (9, 17, 20, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # bands of whole 99-pixel images
+    "1x1_many_pixels": (3, 70, 37, (20, 21), (1, 1), (1, 1), (0, 0), (1, 1), 1),  # planar: 2 K steps, 2 chunks
 }
 
 
@@ -95,7 +97,8 @@ def test_non_contiguous_input(name, act_int8, rng):
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("act_int8", [False, True], ids=["w_only", "a8"])
-@pytest.mark.parametrize("name", ["3x3", "1x1", "many_pixels", "many_images", "3x1_groups2", "depthwise"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "many_pixels", "many_images", "1x1_many_pixels", "3x1_groups2",
+                                  "depthwise"])
 def test_thread_counts(name, act_int8, threads, rng):
     """One thread; and three, which split few pixels by output channel and many pixels into uneven bands."""
     before = torch.get_num_threads()
@@ -195,8 +198,9 @@ def test_non_finite_image(isa, name, value, rng):
     assert_close_to_reference(out[:1], want, bound, x.dtype, True)
 
 
-def test_all_zero_image_gives_bias(isa, rng):
-    x, qw, bias, geometry = make_problem(CASES["3x3"], 8, None, True, rng, bias=True)
+@pytest.mark.parametrize("name", ["3x3", "1x1"])
+def test_all_zero_image_gives_bias(isa, name, rng):
+    x, qw, bias, geometry = make_problem(CASES[name], 8, None, True, rng, bias=True)
     out = quantkernels.conv2d(torch.zeros_like(x), qw, bias, *geometry[1:], act_int8=True)
     assert torch.equal(out, bias.view(1, -1, 1, 1).expand_as(out))
 

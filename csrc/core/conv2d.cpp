@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "linear_a8.h"
 #include "reference.h"
 
 namespace qk {
@@ -32,6 +33,10 @@ constexpr int64_t kPixelBlock = 256;
 // layers at batch 8, 2 threads: 25.7 MB (stage1 1x1 expand) 4.7 -> 2.9 ms, 6.4 MB (stage1 3x3) 2.5 -> 1.9,
 // 6.4 MB (stage3 1x1 expand) 0.94 -> 0.76; 3.2 MB (stage4 1x1 expand) 0.74 either way.
 constexpr int64_t kStreamOutputBytes = 4 << 20;
+// The planar 1x1 path (amx::planar_a8): K within one int32 segment, and output pixels per task (a multiple of
+// its 32-pixel blocks).
+constexpr int64_t kPlanarMaxK = 65536;
+constexpr int64_t kPlanarPixels = 256;
 // Smallest piece of an image one thread takes the absmax of.
 constexpr int64_t kMinAbsmaxPiece = 16384;
 
@@ -62,6 +67,8 @@ T* scratch(Scratch role, int64_t n) {
   }
   return static_cast<T*>(b.data);
 }
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 void run_for(const Parallel& par, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
   if (n <= 0) return;
@@ -427,6 +434,32 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   });
 }
 
+// A 1x1, stride 1 conv on NCHW activations with int8 activations, planar throughout: each image quantized into
+// quads of channels (no transpose), then out plane rows straight from the tile unit (amx::planar_a8).
+void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
+                 const float* bias, float* out, const Parallel& par) {
+  const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
+  const int64_t quads = round_up(pw.view.k_pad, 64) / 4, ld = round_up(pixels, 32), image_words = quads * ld;
+  int8_t* codes = scratch<int8_t>(Scratch::activations, s.batch * image_words * 4);
+  const std::vector<float> scales =
+      for_each_image(ck, x, s.batch, image, quads, true, par, [&](int64_t b, float scale, int64_t q0, int64_t q1) {
+        int8_t* dst = codes + b * image_words * 4;
+        if (usable(scale))
+          ck.quantize_quads(x + b * image, C, pixels, pixels, scale, dst, ld, q0, q1);
+        else
+          std::memset(dst + q0 * ld * 4, 0, (q1 - q0) * ld * 4);
+      });
+  const int64_t chunks = (pixels + kPlanarPixels - 1) / kPlanarPixels;
+  const bool stream = s.batch * s.out_channels * pixels * int64_t{sizeof(float)} >= kStreamOutputBytes;
+  run_for(par, s.batch * chunks, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / chunks, p0 = i % chunks * kPlanarPixels;
+      amx::planar_a8(pw.planar, pw.view, codes + b * image_words * 4, ld, scales[b], bias,
+                     out + b * s.out_channels * pixels, pixels, p0, std::min(pixels, p0 + kPlanarPixels), stream);
+    }
+  });
+}
+
 }  // namespace
 
 const ConvKernels& conv_kernels(Isa isa) {
@@ -446,18 +479,21 @@ struct PreparedPlan {
   bool taps_major = false;
   int64_t reordered_bytes = 0;     // 0: the GEMMs read the stored rows
   int64_t packed_group_bytes = 0;  // 0: not packed
+  int64_t planar_bytes = 0;        // 0: no planar weight
   int64_t groups = 1;
 
   PreparedPlan(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input) {
     if (s.depthwise()) return;  // the direct kernel dequantizes the stored rows
     taps_major = s.taps() == 1 || w.n_groups() == 1;
     groups = s.groups;
-    if (s.taps() > 1 && taps_major) reordered_bytes = round_up_64(w.n * w.row_bytes());
+    if (s.taps() > 1 && taps_major) reordered_bytes = round_up(w.n * w.row_bytes(), 64);
     const LinearKernels& lk = kernels(isa);
     if (quantize_input && lk.packed_a8_bytes) packed_group_bytes = lk.packed_a8_bytes(group_rows(w, 0, s.group_out()));
+    if (quantize_input && isa == Isa::amx && amx_usable() && s.taps() == 1 && s.groups == 1 && w.n_groups() == 1 &&
+        w.k_pad <= kPlanarMaxK)
+      planar_bytes = round_up(amx::planar_rows_bytes(w), 64);
   }
-  static int64_t round_up_64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
-  int64_t bytes() const { return reordered_bytes + groups * packed_group_bytes; }
+  int64_t bytes() const { return reordered_bytes + groups * packed_group_bytes + planar_bytes; }
 };
 
 }  // namespace
@@ -487,6 +523,11 @@ PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const Weig
     p.packed = packed;
     p.packed_group_bytes = plan.packed_group_bytes;
   }
+  if (plan.planar_bytes > 0) {
+    int8_t* planar = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes + plan.groups * plan.packed_group_bytes);
+    amx::planar_rows(w, planar);
+    p.planar = planar;
+  }
   return p;
 }
 
@@ -512,6 +553,10 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
+  if (quantize_input && layout == Layout::nchw && direct && pw.planar) {
+    planar_conv(ck, s, x, pw, bias, out, par);
+    return;
+  }
   if (quantize_input) {
     const int64_t ld = direct ? w.k_pad : C;  // direct: the rows must carry the GEMM's zero padding
     int8_t* xq = scratch<int8_t>(Scratch::activations, s.batch * pixels * ld);

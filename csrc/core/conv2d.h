@@ -2,7 +2,9 @@
 //
 //   depthwise (groups == in_channels == out_channels, any kernel): direct convolution with the weight
 //     dequantized per call (C x kh x kw floats), no GEMM;
-//   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
+//   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands; with int8
+//     activations in NCHW on AMX, the planar product instead (amx::planar_a8: output channels x pixels, the
+//     activations quantized in quads of channels, so neither input nor output is transposed);
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
 // Dynamic int8 activations (quantize_input): one symmetric scale per image (formats.h), the image quantized once
@@ -58,6 +60,7 @@ struct PreparedConvWeight {
   WeightView view;                 // what the GEMMs read: the stored weight, or its reordered copy
   const int8_t* packed = nullptr;  // [groups][packed_group_bytes], or nullptr: the GEMMs pack per call
   int64_t packed_group_bytes = 0;
+  const int8_t* planar = nullptr;  // a 1x1 weight as amx::planar_rows lays it out, for NCHW int8 activations
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
@@ -113,6 +116,11 @@ struct ConvKernels {
   // The same transpose, quantized as quantize_int8 does: NCHW floats into NHWC codes in one pass.
   void (*quantize_transposed)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float scale,
                               int8_t* dst, int64_t ld_dst);
+  // Channel quads [q_begin, q_end) of an image src [channels][ld_src] as codes (quantize_int8's) in the 4-byte
+  // words of dst [quads][ld_dst]: byte j of dst word (q, p) is channel 4q + j at pixel p, zero past `channels`
+  // and past `pixels`. ld_dst is a multiple of the vector width, in words.
+  void (*quantize_quads)(const float* src, int64_t channels, int64_t pixels, int64_t ld_src, float scale,
+                         int8_t* dst, int64_t ld_dst, int64_t q_begin, int64_t q_end);
   // dst[t * cin + ci] = src[ci * taps + t]: one weight row's K from (cin, kh, kw) to (kh, kw, cin) order.
   void (*reorder_taps)(const uint8_t* src, int64_t cin, int64_t taps, uint8_t* dst);
   // Stages the plane src [in_h][in_w] into p.staged (as codes, quantize_f32 by `scale`, when quantize; zeros for

@@ -304,6 +304,111 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
   });
 }
 
+int64_t planar_rows_bytes(const WeightView& w) { return a8::round_up(w.n, kMr) * a8::round_up(w.k_pad, kTileBytes); }
+
+void planar_rows(const WeightView& w, int8_t* out) {
+  const int64_t ld = a8::round_up(w.k_pad, kTileBytes), rows = a8::round_up(w.n, kMr);
+  Layout lay(w);
+  lay.kk = kTileBytes;  // whole tile rows, also where the product's steps are 32 long
+  for (int64_t n = 0; n < rows; ++n) {
+    int8_t* dst = out + n * ld;
+    if (n >= w.n) {
+      std::memset(dst, 0, ld);
+      continue;
+    }
+    const RowGroups groups(w, n);
+    for (int64_t e = 0; e < ld; e += lay.kk) _mm512_storeu_si512(dst + e, weight_bytes(w, lay, groups, n, e));
+  }
+}
+
+namespace {
+
+// The epilogue of one 32 x 32 block of the planar product: C tile (a, b) holds channels n0 + 16a + row at pixels
+// p0 + 16b + lane.
+struct PlanarBlock {
+  const SegmentSums* sums = nullptr;
+  int64_t n0 = 0, p0 = 0;
+};
+
+struct PlanarEpilogue {
+  const WeightView& w;
+  float x_scale;
+  const float* bias;
+  float* out;
+  int64_t ld_out, p_end;
+  bool stream;
+
+  void finish(const PlanarBlock& blk) const {
+    const bool finite = std::isfinite(x_scale);
+    const __m512 xs = _mm512_set1_ps(x_scale);
+    for (int a = 0; a < 2; ++a)
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t n = blk.n0 + a * kTile + r;
+        if (n >= w.n) return;
+        const __m512 ws = _mm512_set1_ps(w.scale[n]), b = _mm512_set1_ps(bias ? bias[n] : 0.0f);
+        for (int h = 0; h < 2; ++h) {
+          const int64_t p = blk.p0 + h * kTile, valid = std::min<int64_t>(kTile, p_end - p);
+          if (valid <= 0) break;
+          const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(blk.sums->c[2 * a + h] + r * kTile)), ws);
+          const __m512 y = finite ? _mm512_fmadd_ps(v, xs, b) : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+          float* dst = out + n * ld_out + p;
+          if (valid < kTile)
+            _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << valid) - 1), y);
+          else if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+            _mm512_stream_ps(dst, y);
+          else
+            _mm512_storeu_ps(dst, y);
+        }
+      }
+  }
+};
+
+}  // namespace
+
+void planar_a8(const int8_t* rows, const WeightView& w, const int8_t* x, int64_t ld_x, float x_scale,
+               const float* bias, float* out, int64_t ld_out, int64_t p_begin, int64_t p_end, bool stream) {
+  if (p_begin >= p_end) return;
+  const int64_t ld_w = a8::round_up(w.k_pad, kTileBytes), steps = ld_w / kTileBytes;
+  const int64_t b_stride = ld_x * 4;  // bytes from one quad of K to the next
+  thread_local a8::Scratch<SegmentSums> sums_buf;
+  SegmentSums* sums = sums_buf.get(2);
+  const PlanarEpilogue epilogue{w, x_scale, bias, out, ld_out, p_end, stream};
+  const TileConfig config = tile_config(kTileBytes);
+  _tile_loadconfig(&config);
+  PlanarBlock pending;
+  int slot = 0;
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kNr)
+    for (int64_t n0 = 0; n0 < w.n; n0 += kMr) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const int8_t* a = rows + n0 * ld_w;
+      const int8_t* b = x + p0 * 4;
+      for (int64_t step = 0; step < steps; ++step) {
+        _tile_loadd(4, a + step * kTileBytes, ld_w);
+        _tile_loadd(5, a + kTile * ld_w + step * kTileBytes, ld_w);
+        _tile_loadd(6, b + step * kTile * b_stride, b_stride);
+        _tile_loadd(7, b + step * kTile * b_stride + kTileBytes, b_stride);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      }
+      SegmentSums& s = sums[slot];
+      _tile_stored(0, s.c[0], kTileBytes);
+      _tile_stored(1, s.c[1], kTileBytes);
+      _tile_stored(2, s.c[2], kTileBytes);
+      _tile_stored(3, s.c[3], kTileBytes);
+      if (pending.sums) epilogue.finish(pending);
+      pending = PlanarBlock{&s, n0, p0};
+      slot ^= 1;
+    }
+  if (pending.sums) epilogue.finish(pending);
+  _tile_release();
+  if (stream) _mm_sfence();
+}
+
 int64_t packed_a8_bytes(const WeightView& w) {
   if (!amx_usable()) return 0;
   const Layout lay(w);
