@@ -56,27 +56,26 @@ def quantized(w: torch.Tensor, bits: int) -> QuantizedWeight:
     return quantize_weight(w, bits=bits, group_size=None, symmetric=True)
 
 
-def prepacked(qw: QuantizedWeight, shape: ConvShape) -> QuantizedWeight:
+def prepacked(qw: QuantizedWeight, shape: ConvShape, act_int8: bool, channels_last: bool) -> QuantizedWeight:
     """Our weight as a model holds it: laid out for the kernels when loaded (what QuantizedConv2d does), as
-    torch.ao's module prepacks its weight when built. For both activation modes, which share these copies."""
-    for act_int8 in (False, True):
-        quantkernels.ops.prepack_conv2d(qw, shape.groups, act_int8)
+    torch.ao's module prepacks its weight when built."""
+    quantkernels.ops.prepack_conv2d(qw, shape.stride, shape.padding, shape.groups, act_int8, channels_last)
     return qw
 
 
 def ours(name, bits, act_int8, channels_last=False) -> ConvImpl:
     return ConvImpl(
         name=name,
-        weights=f"ours int{bits}",
+        weights=name,  # copies prepared for this one way of running
         ours=True,
         act_dtype=torch.float32,
         channels_last=channels_last,
-        make=lambda w, shape, x: prepacked(quantized(w, bits), shape),
+        make=lambda w, shape, x: prepacked(quantized(w, bits), shape, act_int8, channels_last),
         run=lambda x, qw, shape: quantkernels.conv2d(x, qw, act_int8=act_int8, **conv_args(shape)),
         weight_bytes=QuantizedWeight.nbytes,
         encoded=lambda w, qw: qw.dequantize(torch.float64),
         rel_tol=FP32_REL_TOL,
-        copy=lambda qw, shape: prepacked(clone_tensors(qw), shape),
+        copy=lambda qw, shape: prepacked(clone_tensors(qw), shape, act_int8, channels_last),
         act_int8=act_int8,
     )
 

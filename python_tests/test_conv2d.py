@@ -135,7 +135,8 @@ def test_prepared_weight_matches_per_call(isa, name, act_int8, bits, group_size,
     """A weight prepared once (ops.prepack_conv2d, the first call) gives the bits that preparing per call gives,
     and both match the reference."""
     x, qw, bias, geometry = make_problem(CASES[name], bits, group_size, symmetric, rng)
-    held = ops.prepack_conv2d(qw, geometry[-1], act_int8)
+    kernel, stride, padding, dilation, groups = geometry
+    held = ops.prepack_conv2d(qw, stride, padding, groups, act_int8)
     reordered = geometry[0] != [1, 1] and group_size is None and "depthwise" not in name
     if reordered:  # a weight the GEMM reads in another order is held so
         assert held > 0

@@ -209,17 +209,26 @@ def conv2d(
     return torch.ops.quant.conv2d_int4(x, weight.qdata, weight.scale, weight.zero_point, bias, *geometry)
 
 
-def prepack_conv2d(weight: QuantizedWeight, groups: int = 1, act_int8: bool = False) -> int:
-    """Lays a 4-D weight out for the CPU conv kernels of the active instruction set now, as its first
-    :func:`conv2d` call would: K reordered for the im2col rows and, with ``act_int8`` on an AMX CPU, packed
-    into tiles. Kept (beside the stored weight, never saved) while the weight's tensors live and are not written;
-    a write, or another instruction set, makes the next call prepare it again. :class:`QuantizedConv2d` calls
-    this when it loads its weight. Returns the bytes held: 0 for a CUDA weight or inference tensors (prepared per
-    call) and where the stored layout serves as it is."""
+def prepack_conv2d(
+    weight: QuantizedWeight,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    groups: int = 1,
+    act_int8: bool = False,
+    channels_last: bool = False,
+) -> int:
+    """Lays a 4-D weight out now for the CPU conv kernels of the active instruction set, as the first
+    :func:`conv2d` call with these arguments (and inputs in channels_last or not) would: K reordered for the
+    im2col rows and, with ``act_int8`` on an AMX CPU, the int8 weight in tiles. Held beside the stored weight
+    (never saved) while the weight's tensors live and are not written; a write, another instruction set or other
+    arguments make the next call prepare it (again). :class:`QuantizedConv2d` calls this when it loads its
+    weight. Returns the bytes held: 0 for a CUDA weight or inference tensors (prepared per call), and where the
+    stored layout serves as it is."""
     if weight.qdata.dim() != 2 or len(weight.shape) != 4:
         raise ValueError(f"weight: got shape {tuple(weight.shape)}, expected a 4-D conv weight")
     return _C.prepack_conv2d(weight.qdata, weight.scale, weight.zero_point, weight.shape[1] * groups,
-                             list(weight.shape[2:]), groups, act_int8)
+                             list(weight.shape[2:]), _pair(stride, "stride"), _pair(padding, "padding"), groups,
+                             act_int8, channels_last)
 
 
 def active_isa() -> str:

@@ -43,7 +43,7 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
-  prepared_weight, activations, shared_rows, shared_y, shared_scales,           // the calling thread's
+  prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales,  // the calling thread's
   weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row,  // every worker's
   count
 };
@@ -474,42 +474,60 @@ const ConvKernels& conv_kernels(Isa isa) {
 
 namespace {
 
-// What prepare_conv_weight builds for a weight: its memory is the reordered rows, then the packed groups.
+bool direct_rows(const Conv2dShape& s) {
+  return s.taps() == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 && s.groups == 1;
+}
+
+// What prepare_conv_weight builds for a weight, only what the calls it serves read: the reordered rows (unless
+// packed: packing reads them from scratch), the packed groups, or the planar rows (unless the stored int8 rows
+// serve as they are).
 struct PreparedPlan {
   bool taps_major = false;
-  int64_t reordered_bytes = 0;     // 0: the GEMMs read the stored rows
+  bool reorder = false;
+  int64_t reordered_bytes = 0;     // 0: the GEMMs read the stored rows, or only packed ones
   int64_t packed_group_bytes = 0;  // 0: not packed
-  int64_t planar_bytes = 0;        // 0: no planar weight
+  bool planar = false;
+  int64_t planar_bytes = 0;        // 0: no planar weight, or the stored rows
   int64_t groups = 1;
 
-  PreparedPlan(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input) {
+  PreparedPlan(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
     if (s.depthwise()) return;  // the direct kernel dequantizes the stored rows
     taps_major = s.taps() == 1 || w.n_groups() == 1;
     groups = s.groups;
-    if (s.taps() > 1 && taps_major) reordered_bytes = round_up(w.n * w.row_bytes(), 64);
+    reorder = s.taps() > 1 && taps_major;
     const LinearKernels& lk = kernels(isa);
-    if (quantize_input && lk.packed_a8_bytes) packed_group_bytes = lk.packed_a8_bytes(group_rows(w, 0, s.group_out()));
-    if (quantize_input && isa == Isa::amx && amx_usable() && s.taps() == 1 && s.groups == 1 && w.n_groups() == 1 &&
-        w.k_pad <= kPlanarMaxK)
+    planar = conv_runs_planar(isa, s, w, layout, quantize_input);
+    if (planar && !(w.bits == 8 && w.k_pad % 64 == 0 && w.n % 32 == 0))
       planar_bytes = round_up(amx::planar_rows_bytes(w), 64);
+    else if (!planar && quantize_input && lk.packed_a8_bytes)
+      packed_group_bytes = lk.packed_a8_bytes(group_rows(w, 0, s.group_out()));
+    if (reorder && packed_group_bytes == 0) reordered_bytes = round_up(w.n * w.row_bytes(), 64);
   }
   int64_t bytes() const { return reordered_bytes + groups * packed_group_bytes + planar_bytes; }
 };
 
 }  // namespace
 
-int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input) {
-  return PreparedPlan(isa, s, w, quantize_input).bytes();
+bool conv_runs_planar(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
+  return quantize_input && layout == Layout::nchw && direct_rows(s) && isa == Isa::amx && amx_usable() &&
+         w.n_groups() == 1 && w.k_pad <= kPlanarMaxK;
 }
 
-PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const WeightView& w, bool quantize_input,
-                                       uint8_t* memory, const Parallel& par) {
-  const PreparedPlan plan(isa, s, w, quantize_input);
+int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout,
+                                   bool quantize_input) {
+  return PreparedPlan(isa, s, w, layout, quantize_input).bytes();
+}
+
+PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout,
+                                       bool quantize_input, uint8_t* memory, const Parallel& par) {
+  const PreparedPlan plan(isa, s, w, layout, quantize_input);
   PreparedConvWeight p;
   p.view = w;
   p.taps_major = plan.taps_major;
-  if (plan.reordered_bytes > 0)
-    p.view = reorder_taps_major(conv_kernels(isa), w, s.group_in(), s.taps(), memory, par);
+  if (plan.reorder) {
+    uint8_t* rows = plan.reordered_bytes > 0 ? memory : scratch<uint8_t>(Scratch::reordered_rows, w.n * w.row_bytes());
+    p.view = reorder_taps_major(conv_kernels(isa), w, s.group_in(), s.taps(), rows, par);
+  }
   if (plan.packed_group_bytes > 0) {
     int8_t* packed = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes);
     const LinearKernels& lk = kernels(isa);
@@ -522,11 +540,12 @@ PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const Weig
     });
     p.packed = packed;
     p.packed_group_bytes = plan.packed_group_bytes;
+    if (plan.reorder) p.view.qdata = nullptr;  // the reordered rows were scratch; the GEMMs read the packed ones
   }
-  if (plan.planar_bytes > 0) {
-    int8_t* planar = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes + plan.groups * plan.packed_group_bytes);
-    amx::planar_rows(w, planar);
-    p.planar = planar;
+  if (plan.planar) {
+    int8_t* rows = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes + plan.groups * plan.packed_group_bytes);
+    if (plan.planar_bytes > 0) amx::planar_rows(w, rows);
+    p.planar = plan.planar_bytes > 0 ? rows : static_cast<const int8_t*>(w.qdata);  // int8 rows that fit as stored
   }
   return p;
 }
@@ -534,9 +553,10 @@ PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const Weig
 void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const WeightView& w, const float* bias,
             bool quantize_input, float* out, const Parallel& par) {
   if (s.batch == 0) return;
-  uint8_t* memory = scratch<uint8_t>(Scratch::prepared_weight, prepared_conv_weight_bytes(isa, s, w, quantize_input));
-  conv2d(isa, s, layout, x, prepare_conv_weight(isa, s, w, quantize_input, memory, par), bias, quantize_input, out,
-         par);
+  uint8_t* memory =
+      scratch<uint8_t>(Scratch::prepared_weight, prepared_conv_weight_bytes(isa, s, w, layout, quantize_input));
+  conv2d(isa, s, layout, x, prepare_conv_weight(isa, s, w, layout, quantize_input, memory, par), bias,
+         quantize_input, out, par);
 }
 
 void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const PreparedConvWeight& pw,
@@ -547,13 +567,12 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
     depthwise(ck, s, layout, x, pw.view, bias, quantize_input, out, par);
     return;
   }
-  const bool direct = s.taps() == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
-                      s.groups == 1;
+  const bool direct = direct_rows(s);
   const WeightView& w = pw.view;
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
-  if (quantize_input && layout == Layout::nchw && direct && pw.planar) {
+  if (pw.planar) {
     planar_conv(ck, s, x, pw, bias, out, par);
     return;
   }

@@ -53,9 +53,10 @@ struct Parallel {
 };
 
 // A stored conv weight laid out for the GEMM kernels of one ISA: K permuted to (kh, kw, cin) where the rows can
-// be (see above), and for int8 activations on a table with a packed kernel (LinearKernels::pack_a8), each group's
-// rows packed for it. It depends on the weight, the kernel size, the groups, the ISA and quantize_input only, so
-// it is built once (prepare_conv_weight) and reused by every call: the binding keeps one per weight tensor.
+// be (see above), and for int8 activations either the planar rows (conv_runs_planar) or, on a table with a packed
+// kernel (LinearKernels::pack_a8), each group's rows packed for it. It depends on the weight, the ISA,
+// quantize_input, the kernel size and groups, and whether the calls run planar, so it is built once
+// (prepare_conv_weight) and reused by every such call: the binding keeps one per weight tensor.
 struct PreparedConvWeight {
   WeightView view;                 // what the GEMMs read: the stored weight, or its reordered copy
   const int8_t* packed = nullptr;  // [groups][packed_group_bytes], or nullptr: the GEMMs pack per call
@@ -64,15 +65,21 @@ struct PreparedConvWeight {
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
-// Bytes of memory prepare_conv_weight needs (0: it only points at w).
-int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& shape, const WeightView& w, bool quantize_input);
-// Prepares w into `memory` (64-byte aligned, prepared_conv_weight_bytes of it, alive as long as the result).
-PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& shape, const WeightView& w, bool quantize_input,
-                                       uint8_t* memory, const Parallel& parallel);
+// Whether the conv runs planar: 1x1, stride 1, unpadded, one group, NCHW, int8 activations, on usable AMX, with
+// one scale group per output channel (amx::planar_a8).
+bool conv_runs_planar(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout, bool quantize_input);
+// Bytes of memory prepare_conv_weight needs (0: it only points at w). Only the shape's kernel, stride, padding and
+// groups matter, not its batch or image size.
+int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout,
+                                   bool quantize_input);
+// Prepares w for such calls into `memory` (64-byte aligned, prepared_conv_weight_bytes of it, alive as long as
+// the result).
+PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout,
+                                       bool quantize_input, uint8_t* memory, const Parallel& parallel);
 
 // out = conv2d(x, W) + bias, in float32, on the kernels of `isa`.
 //   x:    float [batch][in_channels][height][width] in `layout` (NHWC: [batch][height][width][in_channels]).
-//   w:    the weight prepared for this isa, shape and quantize_input.
+//   w:    the weight prepared for this isa, shape, layout and quantize_input.
 //   bias: float [out_channels] or nullptr.
 //   out:  float [batch][out_channels][out_h][out_w] in `layout`.
 // The caller has checked the shapes (the binding does, message for message with quantkernels/ops.py).

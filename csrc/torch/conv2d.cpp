@@ -58,9 +58,10 @@ class TensorIdentity {
   uint64_t sample_;
 };
 
-// Prepared weights (qk::PreparedConvWeight: reordered K, packed for the int8 tile kernel), one per weight tensor
-// and configuration, built on the first call (or by prepack_conv2d when a module loads its weight) and reused
-// while the tensors live unchanged. A tensor is the same weight while its TensorImpl is alive, its data pointer
+// Prepared weights (qk::PreparedConvWeight: reordered K, packed or planar rows for the int8 tile kernels), one per
+// weight tensor and configuration, built on the first call (or by prepack_conv2d when a module loads its weight)
+// and reused while the tensors live unchanged. The entries of weights that are gone are dropped by a sweep every
+// kSweepCalls calls and whenever the dead ones may have grown to a quarter of those alive. A tensor is the same weight while its TensorImpl is alive, its data pointer
 // is the same, its version counter has not moved (any in-place write moves it) and a sample of its bytes reads
 // the same (a write through .data does not move the counter). Inference tensors have no version counter: they
 // are prepared per call.
@@ -69,10 +70,10 @@ class PreparedWeights {
   struct Key {
     int64_t kernel_h, kernel_w, groups;
     qk::Isa isa;
-    bool quantize_input;
+    bool quantize_input, planar;
     bool operator==(const Key& o) const {
       return kernel_h == o.kernel_h && kernel_w == o.kernel_w && groups == o.groups && isa == o.isa &&
-             quantize_input == o.quantize_input;
+             quantize_input == o.quantize_input && planar == o.planar;
     }
   };
 
@@ -90,15 +91,18 @@ class PreparedWeights {
 
   // The prepared weight of w (bound from these tensors) for this configuration, or nullptr where the tensors
   // cannot be tracked; builds it if there is none yet.
-  std::shared_ptr<const Entry> get(const qk::Conv2dShape& s, const BoundWeight& w, const at::Tensor& qweight,
-                                   const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
-                                   bool quantize_input) {
+  std::shared_ptr<const Entry> get(const qk::Conv2dShape& s, qk::Layout layout, const BoundWeight& w,
+                                   const at::Tensor& qweight, const at::Tensor& scale,
+                                   const c10::optional<at::Tensor>& zero_point, bool quantize_input) {
     std::vector<const at::Tensor*> tensors{&qweight, &scale};
     if (zero_point.has_value()) tensors.push_back(&*zero_point);
     for (const at::Tensor* t : tensors)
       if (!TensorIdentity::trackable(*t)) return nullptr;
-    const Key key{s.kernel_h, s.kernel_w, s.groups, qk::active_isa(), quantize_input};
+    const qk::Isa isa = qk::active_isa();
+    const Key key{s.kernel_h, s.kernel_w, s.groups, isa, quantize_input,
+                  qk::conv_runs_planar(isa, s, w.view, layout, quantize_input)};
     std::lock_guard<std::mutex> lock(mutex_);
+    if (++calls_ % kSweepCalls == 0) purge();
     auto& list = entries_[qweight.unsafeGetTensorImpl()];
     for (auto it = list.begin(); it != list.end(); ++it) {
       const Entry& e = **it;
@@ -113,12 +117,12 @@ class PreparedWeights {
     auto e = std::make_shared<Entry>();
     for (const at::Tensor* t : tensors) e->tensors.emplace_back(*t);
     e->key = key;
-    const int64_t bytes = qk::prepared_conv_weight_bytes(key.isa, s, w.view, quantize_input);
+    const int64_t bytes = qk::prepared_conv_weight_bytes(isa, s, w.view, layout, quantize_input);
     e->memory = at::empty({std::max<int64_t>(bytes, 1)}, qweight.options().dtype(at::kByte));
-    e->prepared = qk::prepare_conv_weight(key.isa, s, w.view, quantize_input, e->memory.data_ptr<uint8_t>(),
+    e->prepared = qk::prepare_conv_weight(isa, s, w.view, layout, quantize_input, e->memory.data_ptr<uint8_t>(),
                                           torch_parallel());
     list.push_back(e);
-    if (++count_ > 2 * live_after_purge_) purge();
+    if (++count_ > live_after_purge_ + live_after_purge_ / 4) purge();
     return e;
   }
 
@@ -133,7 +137,9 @@ class PreparedWeights {
   }
 
  private:
-  // Drops the entries of weights that are gone; run when the count has doubled, so its cost is spread thin.
+  static constexpr int64_t kSweepCalls = 256;
+
+  // Drops the entries of weights that are gone.
   void purge() {
     for (auto it = entries_.begin(); it != entries_.end();) {
       auto& list = it->second;
@@ -143,13 +149,13 @@ class PreparedWeights {
       count_ -= static_cast<int64_t>(before - list.size());
       it = list.empty() ? entries_.erase(it) : std::next(it);
     }
-    live_after_purge_ = std::max<int64_t>(count_, 16);
+    live_after_purge_ = std::max<int64_t>(count_, 64);
   }
 
   std::mutex mutex_;
   // By the qweight's TensorImpl: a live entry's weak reference keeps that address from being reused.
   std::unordered_map<const c10::TensorImpl*, std::vector<std::shared_ptr<const Entry>>> entries_;
-  int64_t count_ = 0, live_after_purge_ = 16;
+  int64_t count_ = 0, live_after_purge_ = 64, calls_ = 0;
 };
 
 at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -218,7 +224,7 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
   const auto layout = channels_last ? qk::Layout::nhwc : qk::Layout::nchw;
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto prepared = PreparedWeights::instance().get(shape, w, qweight, scale, zero_point, quantize_input);
+  const auto prepared = PreparedWeights::instance().get(shape, layout, w, qweight, scale, zero_point, quantize_input);
   if (prepared)
     qk::conv2d(prepared->key.isa, shape, layout, xf.data_ptr<float>(), prepared->prepared, bias_ptr, quantize_input,
                out.data_ptr<float>(), torch_parallel());
@@ -245,9 +251,14 @@ at::Tensor conv2d_int4(const at::Tensor& x, const at::Tensor& qweight, const at:
 }  // namespace
 
 int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
-                       int64_t in_channels, at::IntArrayRef kernel_size, int64_t groups, bool quantize_input) {
+                       int64_t in_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, int64_t groups, bool quantize_input, bool channels_last) {
   TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size: got ",
                     kernel_size, ", expected two positive ints");
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride: got ", stride,
+                    ", expected two positive ints");
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding: got ", padding,
+                    ", expected two non-negative ints");
   const int64_t cout = qweight.dim() > 0 ? qweight.size(0) : 0;
   TORCH_CHECK_VALUE(in_channels > 0 && groups > 0 && in_channels % groups == 0 && cout % groups == 0, "groups: got ",
                     groups, ", expected a positive divisor of in_channels=", in_channels, " and out_channels=", cout);
@@ -261,8 +272,14 @@ int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const
   shape.out_channels = cout;
   shape.kernel_h = kernel_size[0];
   shape.kernel_w = kernel_size[1];
+  shape.stride_h = stride[0];
+  shape.stride_w = stride[1];
+  shape.pad_h = padding[0];
+  shape.pad_w = padding[1];
   shape.groups = groups;
-  const auto prepared = PreparedWeights::instance().get(shape, w, qweight, scale, zero_point, quantize_input);
+  const auto layout = channels_last ? qk::Layout::nhwc : qk::Layout::nchw;
+  const auto prepared =
+      PreparedWeights::instance().get(shape, layout, w, qweight, scale, zero_point, quantize_input);
   return prepared ? prepared->memory.numel() : 0;
 }
 

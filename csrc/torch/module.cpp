@@ -9,7 +9,8 @@
 
 namespace qk_torch {  // conv2d.cpp
 int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
-                       int64_t in_channels, at::IntArrayRef kernel_size, int64_t groups, bool quantize_input);
+                       int64_t in_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, int64_t groups, bool quantize_input, bool channels_last);
 std::pair<int64_t, int64_t> prepacked_conv2d_weights();
 }  // namespace qk_torch
 
@@ -44,8 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Forces the CPU kernels onto one instruction set (what QUANTKERNELS_ISA does at start-up).");
   m.def("prepack_conv2d", [](const at::Tensor& qweight, const at::Tensor& scale,
                              const c10::optional<at::Tensor>& zero_point, int64_t in_channels,
-                             std::vector<int64_t> kernel_size, int64_t groups, bool quantize_input) {
-    return qk_torch::prepack_conv2d(qweight, scale, zero_point, in_channels, kernel_size, groups, quantize_input);
+                             std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                             std::vector<int64_t> padding, int64_t groups, bool quantize_input, bool channels_last) {
+    return qk_torch::prepack_conv2d(qweight, scale, zero_point, in_channels, kernel_size, stride, padding, groups,
+                                    quantize_input, channels_last);
   }, "Prepares a conv weight for the active instruction set now, as its first call would; returns its bytes.");
   m.def("prepacked_conv2d_weights", &qk_torch::prepacked_conv2d_weights,
         "(count, bytes) of the prepared conv weights held for live weight tensors.");

@@ -350,7 +350,7 @@ class QuantizedConv2d(QuantizedModule):
 
     def _weight_loaded(self) -> None:
         # Prepared now rather than by the first call (which would do it otherwise): see ops.prepack_conv2d.
-        ops.prepack_conv2d(self.quantized_weight(), self.groups, self.config.act_int8)
+        ops.prepack_conv2d(self.quantized_weight(), self.stride, self._op_padding, self.groups, self.config.act_int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops.check_activation(x)
