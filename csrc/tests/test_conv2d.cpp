@@ -224,6 +224,7 @@ const Case kCases[] = {
     {1, 5, 5, 13, 11, 5, 5, 1, 2, 4, 3, 2, 1, 5},     // depthwise 5x5, dilation 2 rows, stride 2 columns
     {1, 17, 17, 9, 9, 7, 7, 1, 1, 3, 3, 1, 1, 17},    // depthwise 7x7 (K = 49: two groups of 32)
     {2, 6, 12, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 6},      // channel multiplier 2: grouped GEMM, not depthwise
+    {2, 70, 37, 20, 21, 1, 1, 1, 1, 0, 0, 1, 1, 1},   // 1x1 over 420 pixels: planar on AMX, two K steps and tasks
 };
 
 }  // namespace

@@ -22,6 +22,27 @@ qk::Parallel torch_parallel() {
   return parallel;
 }
 
+qk::Conv2dShape conv_shape(int64_t in_channels, int64_t out_channels, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           int64_t batch = 0, int64_t height = 0, int64_t width = 0) {
+  qk::Conv2dShape s;
+  s.batch = batch;
+  s.in_channels = in_channels;
+  s.height = height;
+  s.width = width;
+  s.out_channels = out_channels;
+  s.kernel_h = kernel_size[0];
+  s.kernel_w = kernel_size[1];
+  s.stride_h = stride[0];
+  s.stride_w = stride[1];
+  s.pad_h = padding[0];
+  s.pad_w = padding[1];
+  s.dilation_h = dilation[0];
+  s.dilation_w = dilation[1];
+  s.groups = groups;
+  return s;
+}
+
 // One tensor as it was when a prepared weight was built from it (see PreparedWeights).
 class TensorIdentity {
  public:
@@ -60,11 +81,11 @@ class TensorIdentity {
 
 // Prepared weights (qk::PreparedConvWeight: reordered K, packed or planar rows for the int8 tile kernels), one per
 // weight tensor and configuration, built on the first call (or by prepack_conv2d when a module loads its weight)
-// and reused while the tensors live unchanged. The entries of weights that are gone are dropped by a sweep every
-// kSweepCalls calls and whenever the dead ones may have grown to a quarter of those alive. A tensor is the same weight while its TensorImpl is alive, its data pointer
-// is the same, its version counter has not moved (any in-place write moves it) and a sample of its bytes reads
-// the same (a write through .data does not move the counter). Inference tensors have no version counter: they
-// are prepared per call.
+// and reused while the tensors live unchanged. A tensor is the same weight while its TensorImpl is alive, its data
+// pointer is the same, its version counter has not moved (any in-place write moves it) and a sample of its bytes
+// reads the same (a write through .data does not move the counter). Inference tensors have no version counter:
+// they are prepared per call. Entries of weights that are gone are dropped by a sweep every kSweepCalls calls and
+// whenever the dead ones may have grown to a quarter of those alive.
 class PreparedWeights {
  public:
   struct Key {
@@ -80,6 +101,7 @@ class PreparedWeights {
   struct Entry {
     std::vector<TensorIdentity> tensors;  // qweight, scale, zero point (if any)
     Key key;
+    int64_t bytes = 0;  // of memory in use
     at::Tensor memory;
     qk::PreparedConvWeight prepared;
   };
@@ -117,8 +139,8 @@ class PreparedWeights {
     auto e = std::make_shared<Entry>();
     for (const at::Tensor* t : tensors) e->tensors.emplace_back(*t);
     e->key = key;
-    const int64_t bytes = qk::prepared_conv_weight_bytes(isa, s, w.view, layout, quantize_input);
-    e->memory = at::empty({std::max<int64_t>(bytes, 1)}, qweight.options().dtype(at::kByte));
+    e->bytes = qk::prepared_conv_weight_bytes(isa, s, w.view, layout, quantize_input);
+    e->memory = at::empty({std::max<int64_t>(e->bytes, 1)}, qweight.options().dtype(at::kByte));
     e->prepared = qk::prepare_conv_weight(isa, s, w.view, layout, quantize_input, e->memory.data_ptr<uint8_t>(),
                                           torch_parallel());
     list.push_back(e);
@@ -132,7 +154,7 @@ class PreparedWeights {
     purge();
     int64_t bytes = 0;
     for (const auto& [impl, list] : entries_)
-      for (const auto& e : list) bytes += e->memory.numel();
+      for (const auto& e : list) bytes += e->bytes;
     return {count_, bytes};
   }
 
@@ -180,8 +202,8 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   BoundWeight w(check_weight(bits, k, qweight, scale, zero_point, x.device()), qweight, scale, zero_point);
   check_bias(bias, cout, x.device());
   const int64_t batch = x.size(0), h = x.size(2), wd = x.size(3);
-  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  const qk::Conv2dShape shape = conv_shape(c, cout, kernel_size, stride, padding, dilation, groups, batch, h, wd);
+  const int64_t oh = shape.out_height(), ow = shape.out_width();
   TORCH_CHECK_VALUE(oh > 0 && ow > 0, "x: got spatial size ", h, "x", wd, ", too small for kernel_size ",
                     kernel_size, " with padding ", padding, " and dilation ", dilation);
   // The core reads and writes float32: other dtypes are converted on the way in and out.
@@ -190,22 +212,6 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   if (batch == 0) return at::empty({0, cout, oh, ow}, x.options().memory_format(memory_format));
   at::Tensor xf = x.to(at::kFloat).contiguous(memory_format);
   at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-
-  qk::Conv2dShape shape;
-  shape.batch = batch;
-  shape.in_channels = c;
-  shape.height = h;
-  shape.width = wd;
-  shape.out_channels = cout;
-  shape.kernel_h = kernel_size[0];
-  shape.kernel_w = kernel_size[1];
-  shape.stride_h = stride[0];
-  shape.stride_w = stride[1];
-  shape.pad_h = padding[0];
-  shape.pad_w = padding[1];
-  shape.dilation_h = dilation[0];
-  shape.dilation_w = dilation[1];
-  shape.groups = groups;
 
   if (!quantize_input && !shape.depthwise() && batch * oh * ow >= kFloatGemmMinRows) {
     // Weight-only over many output pixels: torch's float conv on the weight dequantized per call, for the
@@ -267,20 +273,11 @@ int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const
   const qk::WeightView view = check_weight(bits, k, qweight, scale, zero_point, qweight.device());
   if (!qweight.device().is_cpu()) return 0;  // the CUDA kernels read the stored weight
   BoundWeight w(view, qweight, scale, zero_point);
-  qk::Conv2dShape shape;
-  shape.in_channels = in_channels;
-  shape.out_channels = cout;
-  shape.kernel_h = kernel_size[0];
-  shape.kernel_w = kernel_size[1];
-  shape.stride_h = stride[0];
-  shape.stride_w = stride[1];
-  shape.pad_h = padding[0];
-  shape.pad_w = padding[1];
-  shape.groups = groups;
+  const qk::Conv2dShape shape = conv_shape(in_channels, cout, kernel_size, stride, padding, {1, 1}, groups);
   const auto layout = channels_last ? qk::Layout::nhwc : qk::Layout::nchw;
   const auto prepared =
       PreparedWeights::instance().get(shape, layout, w, qweight, scale, zero_point, quantize_input);
-  return prepared ? prepared->memory.numel() : 0;
+  return prepared ? prepared->bytes : 0;
 }
 
 std::pair<int64_t, int64_t> prepacked_conv2d_weights() { return PreparedWeights::instance().live(); }
