@@ -151,6 +151,32 @@ struct alignas(64) SegmentSums {
   int32_t c[4][kTile * kTile];
 };
 
+inline void zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// C[i][j] += A[i] B[j]: the A tiles are 16 rows at a and 16 rows further (lda apart), the B tiles at b0 and b1.
+inline void multiply_add(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1, int64_t ldb) {
+  _tile_loadd(4, a, lda);
+  _tile_loadd(5, a + kTile * lda, lda);
+  _tile_loadd(6, b0, ldb);
+  _tile_loadd(7, b1, ldb);
+  _tile_dpbssd(0, 4, 6);
+  _tile_dpbssd(1, 4, 7);
+  _tile_dpbssd(2, 5, 6);
+  _tile_dpbssd(3, 5, 7);
+}
+
+inline void store_sums(SegmentSums& s) {
+  _tile_stored(0, s.c[0], kTileBytes);
+  _tile_stored(1, s.c[1], kTileBytes);
+  _tile_stored(2, s.c[2], kTileBytes);
+  _tile_stored(3, s.c[3], kTileBytes);
+}
+
 // A stored segment and where it goes.
 struct Pending {
   const SegmentSums* sums = nullptr;
@@ -242,27 +268,14 @@ void run_tiles(const WeightView& w, const Layout& lay, const int8_t* xq, const f
           lda = k_stage;
         }
         for (int64_t s = 0; s < lay.segments(); ++s) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
+          zero_sums();
           const int64_t step_end = std::min(lay.steps, (s + 1) * lay.segment_steps);
           for (int64_t step = s * lay.segment_steps; step < step_end; ++step) {
             const int64_t e = step * lay.kk, bt = step * lay.b_tile_bytes();
-            _tile_loadd(4, a + e, lda);
-            _tile_loadd(5, a + kTile * lda + e, lda);
-            _tile_loadd(6, b0 + bt, kTileBytes);
-            _tile_loadd(7, b1 + bt, kTileBytes);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
+            multiply_add(a + e, lda, b0 + bt, b1 + bt, kTileBytes);
           }
           SegmentSums& out = sums[slot];
-          _tile_stored(0, out.c[0], kTileBytes);
-          _tile_stored(1, out.c[1], kTileBytes);
-          _tile_stored(2, out.c[2], kTileBytes);
-          _tile_stored(3, out.c[3], kTileBytes);
+          store_sums(out);
           if (pending.sums) epilogue.finish(pending);
           pending = Pending{&out, pair_scales + s * kNr, m0, rows, n0, ncols, s == 0, s + 1 == lay.segments()};
           slot ^= 1;
@@ -379,27 +392,15 @@ void planar_a8(const int8_t* rows, const WeightView& w, const int8_t* x, int64_t
   int slot = 0;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kNr)
     for (int64_t n0 = 0; n0 < w.n; n0 += kMr) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      zero_sums();
       const int8_t* a = rows + n0 * ld_w;
       const int8_t* b = x + p0 * 4;
       for (int64_t step = 0; step < steps; ++step) {
-        _tile_loadd(4, a + step * kTileBytes, ld_w);
-        _tile_loadd(5, a + kTile * ld_w + step * kTileBytes, ld_w);
-        _tile_loadd(6, b + step * kTile * b_stride, b_stride);
-        _tile_loadd(7, b + step * kTile * b_stride + kTileBytes, b_stride);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
+        const int8_t* b_step = b + step * kTile * b_stride;
+        multiply_add(a + step * kTileBytes, ld_w, b_step, b_step + kTileBytes, b_stride);
       }
       SegmentSums& s = sums[slot];
-      _tile_stored(0, s.c[0], kTileBytes);
-      _tile_stored(1, s.c[1], kTileBytes);
-      _tile_stored(2, s.c[2], kTileBytes);
-      _tile_stored(3, s.c[3], kTileBytes);
+      store_sums(s);
       if (pending.sums) epilogue.finish(pending);
       pending = PlanarBlock{&s, n0, p0};
       slot ^= 1;

@@ -22,6 +22,20 @@ qk::Parallel torch_parallel() {
   return parallel;
 }
 
+// kernel_size, stride and (if given) dilation: two positive ints; padding: two non-negative ints.
+void check_geometry(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                    c10::optional<at::IntArrayRef> dilation) {
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size: got ",
+                    kernel_size, ", expected two positive ints");
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride: got ", stride,
+                    ", expected two positive ints");
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding: got ", padding,
+                    ", expected two non-negative ints");
+  if (dilation.has_value())
+    TORCH_CHECK_VALUE(dilation->size() == 2 && (*dilation)[0] > 0 && (*dilation)[1] > 0, "dilation: got ", *dilation,
+                      ", expected two positive ints");
+}
+
 qk::Conv2dShape conv_shape(int64_t in_channels, int64_t out_channels, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            int64_t batch = 0, int64_t height = 0, int64_t width = 0) {
@@ -187,14 +201,7 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
   check_activation(x);
   TORCH_CHECK_VALUE(x.dim() == 4, "x: got shape ", shape_str(x), ", expected (batch, channels, height, width)");
   TORCH_CHECK_VALUE(x.size(1) > 0, "x: got in_channels=0, expected at least 1");
-  TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size: got ",
-                    kernel_size, ", expected two positive ints");
-  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride: got ", stride,
-                    ", expected two positive ints");
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding: got ", padding,
-                    ", expected two non-negative ints");
-  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0, "dilation: got ", dilation,
-                    ", expected two positive ints");
+  check_geometry(kernel_size, stride, padding, dilation);
   const int64_t c = x.size(1), cout = qweight.dim() > 0 ? qweight.size(0) : 0;
   TORCH_CHECK_VALUE(groups > 0 && c % groups == 0 && cout % groups == 0, "groups: got ", groups,
                     ", expected a positive divisor of in_channels=", c, " and out_channels=", cout);
@@ -259,12 +266,7 @@ at::Tensor conv2d_int4(const at::Tensor& x, const at::Tensor& qweight, const at:
 int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const c10::optional<at::Tensor>& zero_point,
                        int64_t in_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                        at::IntArrayRef padding, int64_t groups, bool quantize_input, bool channels_last) {
-  TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0, "kernel_size: got ",
-                    kernel_size, ", expected two positive ints");
-  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride: got ", stride,
-                    ", expected two positive ints");
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding: got ", padding,
-                    ", expected two non-negative ints");
+  check_geometry(kernel_size, stride, padding, c10::nullopt);
   const int64_t cout = qweight.dim() > 0 ? qweight.size(0) : 0;
   TORCH_CHECK_VALUE(in_channels > 0 && groups > 0 && in_channels % groups == 0 && cout % groups == 0, "groups: got ",
                     groups, ", expected a positive divisor of in_channels=", in_channels, " and out_channels=", cout);
