@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "linear_a8.h"
+#include "linear_a8_plan.h"
 #include "reference.h"
 
 namespace qk {
@@ -33,6 +34,9 @@ constexpr int64_t kPixelBlock = 256;
 // layers at batch 8, 2 threads: 25.7 MB (stage1 1x1 expand) 4.7 -> 2.9 ms, 6.4 MB (stage1 3x3) 2.5 -> 1.9,
 // 6.4 MB (stage3 1x1 expand) 0.94 -> 0.76; 3.2 MB (stage4 1x1 expand) 0.74 either way.
 constexpr int64_t kStreamOutputBytes = 4 << 20;
+bool stream_output(const Conv2dShape& s) {
+  return s.batch * s.out_channels * s.out_height() * s.out_width() * int64_t{sizeof(float)} >= kStreamOutputBytes;
+}
 // The planar 1x1 path (amx::planar_a8): K within one int32 segment, and output pixels per task (a multiple of
 // its 32-pixel blocks).
 constexpr int64_t kPlanarMaxK = 65536;
@@ -68,7 +72,7 @@ T* scratch(Scratch role, int64_t n) {
   return static_cast<T*>(b.data);
 }
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+using a8::round_up;
 
 void run_for(const Parallel& par, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
   if (n <= 0) return;
@@ -216,7 +220,6 @@ struct GemmConv {
   float* out;
 
   int64_t out_pixels() const { return s.out_height() * s.out_width(); }
-  bool stream_out() const { return s.batch * s.out_channels * out_pixels() * int64_t{sizeof(float)} >= kStreamOutputBytes; }
   // Groups == 1 into NHWC: the GEMM's [pixel][channel] rows are the output itself.
   bool writes_out() const { return s.groups == 1 && layout == Layout::nhwc; }
 
@@ -294,7 +297,8 @@ struct GemmConv {
     }
     for (int64_t r = r0; r < r1;) {  // one transpose per image the rows touch
       const int64_t b = r / opix, q = r % opix, len = std::min(r1 - r, opix - q);
-      ck.transpose(y + (r - r0) * ng, len, ng, ng, out + (b * s.out_channels + c0) * opix + q, opix, stream_out());
+      ck.transpose(y + (r - r0) * ng, len, ng, ng, out + (b * s.out_channels + c0) * opix + q, opix,
+                   stream_output(s));
       r += len;
     }
   }
@@ -450,7 +454,7 @@ void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, co
           std::memset(dst + q0 * ld * 4, 0, (q1 - q0) * ld * 4);
       });
   const int64_t chunks = (pixels + kPlanarPixels - 1) / kPlanarPixels;
-  const bool stream = s.batch * s.out_channels * pixels * int64_t{sizeof(float)} >= kStreamOutputBytes;
+  const bool stream = stream_output(s);
   run_for(par, s.batch * chunks, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / chunks, p0 = i % chunks * kPlanarPixels;
@@ -535,7 +539,8 @@ PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const Weig
     run_for(par, s.groups * units, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t g = i / units, n0 = i % units * kPackedA8Columns;
-        lk.pack_a8(group_rows(p.view, g, ng), n0, std::min(ng, n0 + kPackedA8Columns), packed + g * plan.packed_group_bytes);
+        lk.pack_a8(group_rows(p.view, g, ng), n0, std::min(ng, n0 + kPackedA8Columns),
+                   packed + g * plan.packed_group_bytes);
       }
     });
     p.packed = packed;

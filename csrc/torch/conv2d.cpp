@@ -97,9 +97,10 @@ class TensorIdentity {
 // weight tensor and configuration, built on the first call (or by prepack_conv2d when a module loads its weight)
 // and reused while the tensors live unchanged. A tensor is the same weight while its TensorImpl is alive, its data
 // pointer is the same, its version counter has not moved (any in-place write moves it) and a sample of its bytes
-// reads the same (a write through .data does not move the counter). Inference tensors have no version counter:
-// they are prepared per call. Entries of weights that are gone are dropped by a sweep every kSweepCalls calls and
-// whenever the dead ones may have grown to a quarter of those alive.
+// reads the same (a write through .data does not move the counter). Inference tensors have no version counter,
+// and a weight whose preparation holds no memory costs nothing to prepare: both are prepared per call. Entries
+// of weights that are gone are dropped by a sweep every kSweepCalls calls and whenever the dead ones may have
+// grown to a quarter of those alive.
 class PreparedWeights {
  public:
   struct Key {
@@ -115,7 +116,6 @@ class PreparedWeights {
   struct Entry {
     std::vector<TensorIdentity> tensors;  // qweight, scale, zero point (if any)
     Key key;
-    int64_t bytes = 0;  // of memory in use
     at::Tensor memory;
     qk::PreparedConvWeight prepared;
   };
@@ -126,7 +126,7 @@ class PreparedWeights {
   }
 
   // The prepared weight of w (bound from these tensors) for this configuration, or nullptr where the tensors
-  // cannot be tracked; builds it if there is none yet.
+  // cannot be tracked or nothing would be held; builds it if there is none yet.
   std::shared_ptr<const Entry> get(const qk::Conv2dShape& s, qk::Layout layout, const BoundWeight& w,
                                    const at::Tensor& qweight, const at::Tensor& scale,
                                    const c10::optional<at::Tensor>& zero_point, bool quantize_input) {
@@ -135,6 +135,8 @@ class PreparedWeights {
     for (const at::Tensor* t : tensors)
       if (!TensorIdentity::trackable(*t)) return nullptr;
     const qk::Isa isa = qk::active_isa();
+    const int64_t bytes = qk::prepared_conv_weight_bytes(isa, s, w.view, layout, quantize_input);
+    if (bytes == 0) return nullptr;
     const Key key{s.kernel_h, s.kernel_w, s.groups, isa, quantize_input,
                   qk::conv_runs_planar(isa, s, w.view, layout, quantize_input)};
     std::lock_guard<std::mutex> lock(mutex_);
@@ -153,8 +155,7 @@ class PreparedWeights {
     auto e = std::make_shared<Entry>();
     for (const at::Tensor* t : tensors) e->tensors.emplace_back(*t);
     e->key = key;
-    e->bytes = qk::prepared_conv_weight_bytes(isa, s, w.view, layout, quantize_input);
-    e->memory = at::empty({std::max<int64_t>(e->bytes, 1)}, qweight.options().dtype(at::kByte));
+    e->memory = at::empty({bytes}, qweight.options().dtype(at::kByte));
     e->prepared = qk::prepare_conv_weight(isa, s, w.view, layout, quantize_input, e->memory.data_ptr<uint8_t>(),
                                           torch_parallel());
     list.push_back(e);
@@ -168,7 +169,7 @@ class PreparedWeights {
     purge();
     int64_t bytes = 0;
     for (const auto& [impl, list] : entries_)
-      for (const auto& e : list) bytes += e->bytes;
+      for (const auto& e : list) bytes += e->memory.numel();
     return {count_, bytes};
   }
 
@@ -279,7 +280,7 @@ int64_t prepack_conv2d(const at::Tensor& qweight, const at::Tensor& scale, const
   const auto layout = channels_last ? qk::Layout::nhwc : qk::Layout::nchw;
   const auto prepared =
       PreparedWeights::instance().get(shape, layout, w, qweight, scale, zero_point, quantize_input);
-  return prepared ? prepared->bytes : 0;
+  return prepared ? prepared->memory.numel() : 0;
 }
 
 std::pair<int64_t, int64_t> prepacked_conv2d_weights() { return PreparedWeights::instance().live(); }
