@@ -37,10 +37,12 @@ constexpr int64_t kStreamOutputBytes = 4 << 20;
 bool stream_output(const Conv2dShape& s) {
   return s.batch * s.out_channels * s.out_height() * s.out_width() * int64_t{sizeof(float)} >= kStreamOutputBytes;
 }
-// The planar 1x1 path (amx::planar_a8): K within one int32 segment, and output pixels per task (a multiple of
-// its 32-pixel blocks).
+// The planar 1x1 path (amx::planar_a8): K within one int32 segment, and pixels per chunk, quantized and then
+// multiplied while their codes are in cache (K x 256 bytes: 36 KB for 144 channels), a multiple of the product's
+// 32-pixel blocks.
 constexpr int64_t kPlanarMaxK = 65536;
 constexpr int64_t kPlanarPixels = 256;
+constexpr int64_t kPlanarMinPixels = 32;
 // Smallest piece of an image one thread takes the absmax of.
 constexpr int64_t kMinAbsmaxPiece = 16384;
 
@@ -48,7 +50,7 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
   prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales,  // the calling thread's
-  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row,  // every worker's
+  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,  // every worker's
   count
 };
 
@@ -438,28 +440,28 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   });
 }
 
-// A 1x1, stride 1 conv on NCHW activations with int8 activations, planar throughout: each image quantized into
-// quads of channels (no transpose), then out plane rows straight from the tile unit (amx::planar_a8).
+// A 1x1, stride 1 conv on NCHW activations with int8 activations, planar throughout: after an image's scale,
+// each chunk of its pixels is quantized from its planes into quads of channels (no transpose) and multiplied at
+// once (amx::planar_a8), the codes still in L1/L2, giving out plane rows straight from the tile unit. Where a
+// thread has whole images the quantizer rereads the input from L2, where the absmax left it.
 void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
                  const float* bias, float* out, const Parallel& par) {
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
-  const int64_t quads = round_up(pw.view.k_pad, 64) / 4, ld = round_up(pixels, 32), image_words = quads * ld;
-  int8_t* codes = scratch<int8_t>(Scratch::activations, s.batch * image_words * 4);
-  const std::vector<float> scales =
-      for_each_image(ck, x, s.batch, image, quads, true, par, [&](int64_t b, float scale, int64_t q0, int64_t q1) {
-        int8_t* dst = codes + b * image_words * 4;
-        if (usable(scale))
-          ck.quantize_quads(x + b * image, C, pixels, pixels, scale, dst, ld, q0, q1);
-        else
-          std::memset(dst + q0 * ld * 4, 0, (q1 - q0) * ld * 4);
-      });
-  const int64_t chunks = (pixels + kPlanarPixels - 1) / kPlanarPixels;
+  const int64_t quads = round_up(pw.view.k_pad, 64) / 4;
+  int64_t chunk = kPlanarPixels;  // smaller where that keeps every thread busy (small images, small batch)
+  while (chunk > kPlanarMinPixels && s.batch * ((pixels + chunk - 1) / chunk) < 2 * par.num_threads) chunk /= 2;
+  const int64_t ld = std::min(chunk, round_up(pixels, kPlanarMinPixels)), chunks = (pixels + chunk - 1) / chunk;
   const bool stream = stream_output(s);
-  run_for(par, s.batch * chunks, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / chunks, p0 = i % chunks * kPlanarPixels;
-      amx::planar_a8(pw.planar, pw.view, codes + b * image_words * 4, ld, scales[b], bias,
-                     out + b * s.out_channels * pixels, pixels, p0, std::min(pixels, p0 + kPlanarPixels), stream);
+  for_each_image(ck, x, s.batch, image, chunks, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+    int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * ld * 4);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p0 = u * chunk, len = std::min(chunk, pixels - p0);
+      if (usable(scale))
+        ck.quantize_quads(x + b * image + p0, C, len, pixels, scale, codes, ld, 0, quads);
+      else
+        std::memset(codes, 0, quads * ld * 4);
+      amx::planar_a8(pw.planar, pw.view, codes, ld, scale, bias, out + b * s.out_channels * pixels + p0, pixels, 0,
+                     len, stream);
     }
   });
 }

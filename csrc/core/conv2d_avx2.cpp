@@ -21,6 +21,12 @@ inline __m256i avx2_lane_mask(int64_t n) {
 #define QK_CONV_LOAD_N(p, n) ((vfloat)_mm256_maskload_ps((p), qk::avx2_lane_mask(n)))
 #define QK_CONV_STORE_N(p, v, n) _mm256_maskstore_ps((p), qk::avx2_lane_mask(n), (__m256)(v))
 #define QK_CONV_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
+// As for avx512 (conv2d_avx512.cpp): the packs and the byte shuffle work within 128-bit lanes here too.
+#define QK_CONV_PACK_QUADS(c0, c1, c2, c3)                                                                  \
+  ((vint)_mm256_shuffle_epi8(                                                                              \
+      _mm256_packs_epi16(_mm256_packs_epi32((__m256i)(c0), (__m256i)(c1)),                                   \
+                         _mm256_packs_epi32((__m256i)(c2), (__m256i)(c3))),                                  \
+      _mm256_set_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400, 0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400)))
 #include "conv2d_simd.inc"
 
 namespace qk {

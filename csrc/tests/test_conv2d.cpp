@@ -1,7 +1,8 @@
 // qk::conv2d on every ISA this CPU supports against the double reference (ref::conv2d): every path (depthwise,
 // direct 1x1, im2col with the weight reordered or gathered), both layouts, int8/int4 weights, weight-only and
 // dynamic int8 activations, threads that take bands or split the output channels. Also the per-ISA building
-// blocks on ragged sizes: absmax (NaN aware), the quantizers (exactly nearbyint) and the transpose.
+// blocks on ragged sizes: absmax (NaN aware), the quantizers (exactly nearbyint, into bytes, floats, transposed
+// and into quads of channels) and the transpose.
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -80,6 +81,27 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
     for (float v : {1e-45f, -1e-45f, 1e-39f, 0.0f}) x.push_back(v);
     check_quantizers(ck, x, scale);
   }
+  // Quads: word (q, p) holds the codes of channels 4q..4q+3 at pixel p, zero past the channels and the pixels;
+  // inputs on the rounding ties as above.
+  for (int64_t channels : {1, 4, 6, 9})
+    for (int64_t pixels : {1, 15, 16, 17, 40}) {
+      const int64_t ld_src = pixels + 3, ld_dst = (pixels + 31) / 32 * 32, quads = (channels + 3) / 4 + 1;
+      const float scale = 0.0625f;
+      std::vector<float> src(channels * ld_src);
+      for (int64_t i = 0; i < channels * ld_src; ++i)
+        src[i] = std::clamp(i % 3 == 0 ? scale * (std::floor(normal(rng)) + 0.5f) : normal(rng), -127 * scale,
+                            127 * scale);
+      std::vector<int8_t> words(quads * ld_dst * 4, 99);
+      ck.quantize_quads(src.data(), channels, pixels, ld_src, scale, words.data(), ld_dst, 0, quads);
+      for (int64_t q = 0; q < quads; ++q)
+        for (int64_t p = 0; p < ld_dst; ++p)
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t c = 4 * q + j;
+            const float want = c < channels && p < pixels ? std::nearbyint(src[c * ld_src + p] / scale) : 0.0f;
+            CHECK(words[(q * ld_dst + p) * 4 + j] == want, "%s quantize_quads %ldx%ld at (%ld, %ld)", ck.name,
+                  (long)channels, (long)pixels, (long)c, (long)p);
+          }
+    }
   std::uniform_int_distribution<int> byte(0, 255);
   for (int64_t cin : {1, 15, 16, 17, 40})
     for (int64_t taps : {1, 4, 9, 16, 25, 49}) {
