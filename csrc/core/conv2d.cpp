@@ -37,12 +37,13 @@ constexpr int64_t kStreamOutputBytes = 4 << 20;
 bool stream_output(const Conv2dShape& s) {
   return s.batch * s.out_channels * s.out_height() * s.out_width() * int64_t{sizeof(float)} >= kStreamOutputBytes;
 }
-// The planar 1x1 path (amx::planar_a8): K within one int32 segment, and pixels per chunk, quantized and then
-// multiplied while their codes are in cache (K x 256 bytes: 36 KB for 144 channels), a multiple of the product's
-// 32-pixel blocks.
+// The planar path (amx::planar_a8): K within one int32 segment, and pixels per chunk, whose codes (K x pixels
+// bytes: 36 KB for a 1x1 over 144 channels, 147 KB for a 3x3 over 64) are built and then multiplied while in
+// cache, a multiple of the product's 32-pixel blocks.
 constexpr int64_t kPlanarMaxK = 65536;
 constexpr int64_t kPlanarPixels = 256;
 constexpr int64_t kPlanarMinPixels = 32;
+constexpr int64_t kPlanarChunkBytes = 512 << 10;
 // Smallest piece of an image one thread takes the absmax of.
 constexpr int64_t kMinAbsmaxPiece = 16384;
 
@@ -440,28 +441,77 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   });
 }
 
-// A 1x1, stride 1 conv on NCHW activations with int8 activations, planar throughout: after an image's scale,
-// each chunk of its pixels is quantized from its planes into quads of channels (no transpose) and multiplied at
-// once (amx::planar_a8), the codes still in L1/L2, giving out plane rows straight from the tile unit. Where a
-// thread has whole images the quantizer rereads the input from L2, where the absmax left it.
+// Pixels per chunk of a planar conv: kPlanarPixels, or less where the chunk's B rows (K x pixels bytes) would
+// crowd L2 or where that keeps every thread busy (small images, small batch); and the width of those rows (a
+// multiple of the product's 32-pixel blocks).
+struct PlanarChunks {
+  int64_t size = kPlanarPixels, ld = 0, count = 0;
+  PlanarChunks(int64_t batch, int64_t pixels, int64_t k, const Parallel& par) {
+    while (size > kPlanarMinPixels &&
+           (size * k > kPlanarChunkBytes || batch * ((pixels + size - 1) / size) < 2 * par.num_threads))
+      size /= 2;
+    ld = std::min(size, round_up(pixels, kPlanarMinPixels));
+    count = (pixels + size - 1) / size;
+  }
+};
+
+// A stride-1 conv on NCHW activations with int8 activations, planar throughout (amx::planar_a8): output
+// channels x pixels on the tile unit, giving out plane rows straight, with no transpose of input or output.
+// 1x1 unpadded: after an image's scale, each chunk of its pixels is quantized from its planes into quads of
+// channels and multiplied at once, the codes still in L1/L2 (where a thread has whole images, the quantizer
+// rereads the input from L2, where the absmax left it). With taps or padding: each image quantized into quad
+// planes first, then each chunk's B rows gathered tap by tap from them (ConvKernels::tap_quads).
 void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
                  const float* bias, float* out, const Parallel& par) {
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
-  const int64_t quads = round_up(pw.view.k_pad, 64) / 4;
-  int64_t chunk = kPlanarPixels;  // smaller where that keeps every thread busy (small images, small batch)
-  while (chunk > kPlanarMinPixels && s.batch * ((pixels + chunk - 1) / chunk) < 2 * par.num_threads) chunk /= 2;
-  const int64_t ld = std::min(chunk, round_up(pixels, kPlanarMinPixels)), chunks = (pixels + chunk - 1) / chunk;
+  const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
+  const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
+  const PlanarChunks chunks(s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
-  for_each_image(ck, x, s.batch, image, chunks, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
-    int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * ld * 4);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t p0 = u * chunk, len = std::min(chunk, pixels - p0);
-      if (usable(scale))
-        ck.quantize_quads(x + b * image + p0, C, len, pixels, scale, codes, ld, 0, quads);
-      else
-        std::memset(codes, 0, quads * ld * 4);
-      amx::planar_a8(pw.planar, pw.view, codes, ld, scale, bias, out + b * s.out_channels * pixels + p0, pixels, 0,
-                     len, stream);
+  auto multiply = [&](int64_t b, float scale, const int8_t* codes, int64_t p0, int64_t len) {
+    amx::planar_a8(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, out + b * s.out_channels * out_pixels + p0,
+                   out_pixels, 0, len, stream);
+  };
+  if (taps == 1 && s.pad_h == 0 && s.pad_w == 0) {
+    for_each_image(ck, x, s.batch, image, chunks.count, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+      int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t p0 = u * chunks.size, len = std::min(chunks.size, pixels - p0);
+        if (usable(scale))
+          ck.quantize_quads(x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
+        else
+          std::memset(codes, 0, quads * chunks.ld * 4);
+        multiply(b, scale, codes, p0, len);
+      }
+    });
+    return;
+  }
+  const int64_t cin_quads = round_up(C, 4) / 4, ld_plane = round_up(pixels, 16);
+  int8_t* planes = scratch<int8_t>(Scratch::activations, s.batch * cin_quads * ld_plane * 4);
+  const std::vector<float> scales =
+      for_each_image(ck, x, s.batch, image, cin_quads, true, par, [&](int64_t b, float scale, int64_t q0, int64_t q1) {
+        int8_t* dst = planes + b * cin_quads * ld_plane * 4;
+        if (usable(scale))
+          ck.quantize_quads(x + b * image, C, pixels, pixels, scale, dst, ld_plane, q0, q1);
+        else
+          std::memset(dst + q0 * ld_plane * 4, 0, (q1 - q0) * ld_plane * 4);
+      });
+  run_for(par, s.batch * chunks.count, [&](int64_t i0, int64_t i1) {
+    int32_t* rows = scratch<int32_t>(Scratch::planar_codes, quads * chunks.ld);
+    // K past the taps: zero codes (the weight is zero there too; this keeps the bytes defined).
+    std::memset(rows + taps * cin_quads * chunks.ld, 0, (quads - taps * cin_quads) * chunks.ld * 4);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / chunks.count, p0 = i % chunks.count * chunks.size;
+      const int64_t len = std::min(chunks.size, out_pixels - p0);
+      const int32_t* image_planes = reinterpret_cast<const int32_t*>(planes) + b * cin_quads * ld_plane;
+      for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+          const int64_t t = kh * s.kernel_w + kw, dy = kh * s.dilation_h - s.pad_h, dx = kw * s.dilation_w - s.pad_w;
+          for (int64_t q = 0; q < cin_quads; ++q)
+            ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0, len,
+                         rows + (t * cin_quads + q) * chunks.ld);
+        }
+      multiply(b, scales[b], reinterpret_cast<const int8_t*>(rows), p0, len);
     }
   });
 }
@@ -500,11 +550,11 @@ struct PreparedPlan {
     if (s.depthwise()) return;  // the direct kernel dequantizes the stored rows
     taps_major = s.taps() == 1 || w.n_groups() == 1;
     groups = s.groups;
-    reorder = s.taps() > 1 && taps_major;
     const LinearKernels& lk = kernels(isa);
     planar = conv_runs_planar(isa, s, w, layout, quantize_input);
-    if (planar && !(w.bits == 8 && w.k_pad % 64 == 0 && w.n % 32 == 0))
-      planar_bytes = round_up(amx::planar_rows_bytes(w), 64);
+    reorder = s.taps() > 1 && taps_major && !planar;
+    if (planar && !(s.taps() == 1 && w.bits == 8 && w.k_pad % 64 == 0 && w.n % 32 == 0))
+      planar_bytes = round_up(amx::planar_rows_bytes(w, s.taps()), 64);
     else if (!planar && quantize_input && lk.packed_a8_bytes)
       packed_group_bytes = lk.packed_a8_bytes(group_rows(w, 0, s.group_out()));
     if (reorder && packed_group_bytes == 0) reordered_bytes = round_up(w.n * w.row_bytes(), 64);
@@ -515,8 +565,9 @@ struct PreparedPlan {
 }  // namespace
 
 bool conv_runs_planar(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
-  return quantize_input && layout == Layout::nchw && direct_rows(s) && isa == Isa::amx && amx_usable() &&
-         w.n_groups() == 1 && w.k_pad <= kPlanarMaxK;
+  return quantize_input && layout == Layout::nchw && s.stride_h == 1 && s.stride_w == 1 && s.groups == 1 &&
+         !s.depthwise() && isa == Isa::amx && amx_usable() && w.n_groups() == 1 &&
+         amx::planar_row_bytes(w, s.taps()) <= kPlanarMaxK;
 }
 
 int64_t prepared_conv_weight_bytes(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout,
@@ -551,7 +602,7 @@ PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const Weig
   }
   if (plan.planar) {
     int8_t* rows = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes + plan.groups * plan.packed_group_bytes);
-    if (plan.planar_bytes > 0) amx::planar_rows(w, rows);
+    if (plan.planar_bytes > 0) amx::planar_rows(w, s.taps(), rows);
     p.planar = plan.planar_bytes > 0 ? rows : static_cast<const int8_t*>(w.qdata);  // int8 rows that fit as stored
   }
   return p;

@@ -2,9 +2,10 @@
 //
 //   depthwise (groups == in_channels == out_channels, any kernel): direct convolution with the weight
 //     dequantized per call (C x kh x kw floats), no GEMM;
-//   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands; with int8
-//     activations in NCHW on AMX, the planar product instead (amx::planar_a8: output channels x pixels, the
-//     activations quantized in quads of channels, so neither input nor output is transposed);
+//   stride 1, one group, int8 activations in NCHW, on AMX: the planar product (amx::planar_a8: output channels x
+//     pixels, the activations quantized in quads of channels, each tap's B rows a shifted copy of those planes),
+//     so neither input nor output is transposed;
+//   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
 // Dynamic int8 activations (quantize_input): one symmetric scale per image (formats.h), the image quantized once
@@ -61,12 +62,12 @@ struct PreparedConvWeight {
   WeightView view;                 // what the GEMMs read: the stored weight, or its reordered copy
   const int8_t* packed = nullptr;  // [groups][packed_group_bytes], or nullptr: the GEMMs pack per call
   int64_t packed_group_bytes = 0;
-  const int8_t* planar = nullptr;  // a 1x1 weight as amx::planar_rows lays it out, for NCHW int8 activations
+  const int8_t* planar = nullptr;  // the weight as amx::planar_rows lays it out, for NCHW int8 activations
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
-// Whether the conv runs planar: 1x1, stride 1, unpadded, one group, NCHW, int8 activations, on usable AMX, with
-// one scale group per output channel (amx::planar_a8).
+// Whether the conv runs planar: stride 1, one group (not depthwise), NCHW, int8 activations, on usable AMX, with
+// one scale group per output channel (amx::planar_a8). Any kernel, padding and dilation.
 bool conv_runs_planar(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout, bool quantize_input);
 // Bytes of memory prepare_conv_weight needs (0: it only points at w). Only the shape's kernel, stride, padding and
 // groups matter, not its batch or image size.
@@ -128,6 +129,11 @@ struct ConvKernels {
   // and past `pixels`. ld_dst is a multiple of the vector width, in words.
   void (*quantize_quads)(const float* src, int64_t channels, int64_t pixels, int64_t ld_src, float scale,
                          int8_t* dst, int64_t ld_dst, int64_t q_begin, int64_t q_end);
+  // For output pixels [p0, p0 + len) of a stride-1 conv (output rows out_width wide), the words of one tap:
+  // dst[p - p0] = src[(oh + dy) * width + ow + dx] for output pixel p = (oh, ow), zero where (oh + dy, ow + dx)
+  // falls outside the height x width plane src. The planar product's B rows for a conv with taps.
+  void (*tap_quads)(const int32_t* src, int64_t height, int64_t width, int64_t out_width, int64_t dy, int64_t dx,
+                    int64_t p0, int64_t len, int32_t* dst);
   // dst[t * cin + ci] = src[ci * taps + t]: one weight row's K from (cin, kh, kw) to (kh, kw, cin) order.
   void (*reorder_taps)(const uint8_t* src, int64_t cin, int64_t taps, uint8_t* dst);
   // Stages the plane src [in_h][in_w] into p.staged (as codes, quantize_f32 by `scale`, when quantize; zeros for

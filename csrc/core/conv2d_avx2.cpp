@@ -33,7 +33,7 @@ namespace qk {
 
 const ConvKernels& avx2_conv_kernels() {
   static const ConvKernels table{"avx2", absmax, quantize_int8, quantize_f32, transpose,
-                                 quantize_transposed, quantize_quads, reorder_taps, depthwise_plane,
+                                 quantize_transposed, quantize_quads, tap_quads, reorder_taps, depthwise_plane,
                                  depthwise_nhwc};
   return table;
 }

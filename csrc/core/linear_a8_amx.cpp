@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 #include "linear_a8.h"
@@ -317,20 +318,28 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
   });
 }
 
-int64_t planar_rows_bytes(const WeightView& w) { return a8::round_up(w.n, kMr) * a8::round_up(w.k_pad, kTileBytes); }
+int64_t planar_row_bytes(const WeightView& w, int64_t taps) {
+  return a8::round_up(taps * a8::round_up(w.k / taps, 4), kTileBytes);
+}
 
-void planar_rows(const WeightView& w, int8_t* out) {
-  const int64_t ld = a8::round_up(w.k_pad, kTileBytes), rows = a8::round_up(w.n, kMr);
+int64_t planar_rows_bytes(const WeightView& w, int64_t taps) {
+  return a8::round_up(w.n, kMr) * planar_row_bytes(w, taps);
+}
+
+void planar_rows(const WeightView& w, int64_t taps, int8_t* out) {
+  const int64_t ld = planar_row_bytes(w, taps), rows = a8::round_up(w.n, kMr);
+  const int64_t cin = w.k / taps, cin4 = a8::round_up(cin, 4);
   Layout lay(w);
-  lay.kk = kTileBytes;  // whole tile rows, also where the product's steps are 32 long
+  lay.kk = kTileBytes;  // whole tile rows
+  std::vector<int8_t> codes(a8::round_up(w.k_pad, kTileBytes));  // one stored row as signed codes, (cin, taps)
   for (int64_t n = 0; n < rows; ++n) {
     int8_t* dst = out + n * ld;
-    if (n >= w.n) {
-      std::memset(dst, 0, ld);
-      continue;
-    }
+    std::memset(dst, 0, ld);
+    if (n >= w.n) continue;
     const RowGroups groups(w, n);
-    for (int64_t e = 0; e < ld; e += lay.kk) _mm512_storeu_si512(dst + e, weight_bytes(w, lay, groups, n, e));
+    for (int64_t e = 0; e < w.k_pad; e += lay.kk) _mm512_storeu_si512(codes.data() + e, weight_bytes(w, lay, groups, n, e));
+    for (int64_t c = 0; c < cin; ++c)
+      for (int64_t t = 0; t < taps; ++t) dst[t * cin4 + c] = codes[c * taps + t];
   }
 }
 
@@ -378,10 +387,10 @@ struct PlanarEpilogue {
 
 }  // namespace
 
-void planar_a8(const int8_t* rows, const WeightView& w, const int8_t* x, int64_t ld_x, float x_scale,
+void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int8_t* x, int64_t ld_x, float x_scale,
                const float* bias, float* out, int64_t ld_out, int64_t p_begin, int64_t p_end, bool stream) {
   if (p_begin >= p_end) return;
-  const int64_t ld_w = a8::round_up(w.k_pad, kTileBytes), steps = ld_w / kTileBytes;
+  const int64_t steps = ld_w / kTileBytes;
   const int64_t b_stride = ld_x * 4;  // bytes from one quad of K to the next
   thread_local a8::Scratch<SegmentSums> sums_buf;
   SegmentSums* sums = sums_buf.get(2);
@@ -390,8 +399,10 @@ void planar_a8(const int8_t* rows, const WeightView& w, const int8_t* x, int64_t
   _tile_loadconfig(&config);
   PlanarBlock pending;
   int slot = 0;
-  for (int64_t p0 = p_begin; p0 < p_end; p0 += kNr)
-    for (int64_t n0 = 0; n0 < w.n; n0 += kMr) {
+  // Channel blocks outside: a block's A rows (32 x K) stay in L1/L2 over the pixels, while B (K x the pixels)
+  // is read from L2 once per block; the other way round a large weight streams from L3 for every 32 pixels.
+  for (int64_t n0 = 0; n0 < w.n; n0 += kMr)
+    for (int64_t p0 = p_begin; p0 < p_end; p0 += kNr) {
       zero_sums();
       const int8_t* a = rows + n0 * ld_w;
       const int8_t* b = x + p0 * 4;

@@ -2,7 +2,7 @@
 // direct 1x1, im2col with the weight reordered or gathered), both layouts, int8/int4 weights, weight-only and
 // dynamic int8 activations, threads that take bands or split the output channels. Also the per-ISA building
 // blocks on ragged sizes: absmax (NaN aware), the quantizers (exactly nearbyint, into bytes, floats, transposed
-// and into quads of channels) and the transpose.
+// and into quads of channels), one tap's shifted words and the transpose.
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -102,6 +102,25 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
                   (long)channels, (long)pixels, (long)c, (long)p);
           }
     }
+  // One tap's words for a range of output pixels: rows as wide as the input's (one shifted copy) and not.
+  for (int64_t height : {1, 5})
+    for (int64_t width : {3, 7, 20})
+      for (int64_t out_width : {width, width - 2, width + 3})
+        for (int64_t dy : {-2, 0, 1})
+          for (int64_t dx : {-3, -1, 0, 2}) {
+            if (out_width < 1) continue;
+            std::vector<int32_t> src(height * width);
+            for (int64_t i = 0; i < height * width; ++i) src[i] = static_cast<int32_t>(i * 7919 + 1);
+            const int64_t out_height = height + 2, p0 = out_width / 2, len = out_height * out_width - p0 - 1;
+            std::vector<int32_t> dst(len + 16, -1);
+            ck.tap_quads(src.data(), height, width, out_width, dy, dx, p0, len, dst.data());
+            for (int64_t j = 0; j < len + 16; ++j) {
+              const int64_t p = p0 + j, ih = p / out_width + dy, iw = p % out_width + dx;
+              const int32_t want = j >= len ? -1 : (ih >= 0 && ih < height && iw >= 0 && iw < width) ? src[ih * width + iw] : 0;
+              CHECK(dst[j] == want, "%s tap_quads %ldx%ld out_width=%ld shift (%ld, %ld) at %ld: %d, want %d", ck.name,
+                    (long)height, (long)width, (long)out_width, (long)dy, (long)dx, (long)p, dst[j], want);
+            }
+          }
   std::uniform_int_distribution<int> byte(0, 255);
   for (int64_t cin : {1, 15, 16, 17, 40})
     for (int64_t taps : {1, 4, 9, 16, 25, 49}) {
@@ -247,6 +266,11 @@ const Case kCases[] = {
     {1, 17, 17, 9, 9, 7, 7, 1, 1, 3, 3, 1, 1, 17},    // depthwise 7x7 (K = 49: two groups of 32)
     {2, 6, 12, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 6},      // channel multiplier 2: grouped GEMM, not depthwise
     {2, 70, 37, 20, 21, 1, 1, 1, 1, 0, 0, 1, 1, 1},   // 1x1 over 420 pixels: planar on AMX, two K steps and tasks
+    // Stride 1 with int8 activations on NCHW runs planar on AMX: taps gathered from shifted quad planes.
+    {2, 5, 7, 9, 8, 3, 3, 1, 1, 0, 0, 1, 1, 1},       // 3x3 unpadded: output rows narrower than input rows
+    {1, 6, 9, 12, 13, 3, 3, 1, 1, 2, 1, 2, 1, 1},     // dilation 2 rows, uneven padding
+    {1, 5, 4, 6, 7, 1, 1, 1, 1, 1, 2, 1, 1, 1},       // 1x1 padded: one tap, shifted
+    {1, 9, 33, 23, 24, 5, 3, 1, 1, 2, 1, 1, 1, 1},    // 5x3 over 552 pixels: several chunks, K of 15 taps x 12
 };
 
 }  // namespace
