@@ -1,7 +1,8 @@
 """quant::conv2d_* on CPU, every ISA path, against the float64 reference.
 
-The cases reach every path of csrc/core/conv2d.cpp: depthwise (direct, NCHW planes or NHWC rows), 1x1 stride 1
-(the activation is the GEMM input; on AMX with NCHW int8 activations, the planar product), im2col with the
+The cases reach every path of csrc/core/conv2d.cpp: depthwise (direct, NCHW planes or NHWC rows), on AMX with
+NCHW int8 activations the planar product of stride-1 convs (1x1 unpadded quantized chunk by chunk; with taps or
+padding gathered from shifted quad planes), 1x1 stride 1 (the activation is the GEMM input), im2col with the
 weight reordered (one scale group per channel) or gathered (several groups along K), several bands per thread
 and the threads splitting output channels; and the weight prepared once or per call.
 """
@@ -41,6 +42,9 @@ CASES = {
     "many_pixels": (3, 19, 37, (20, 21), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 1260 GEMM rows: several bands
     "many_images": (9, 17, 20, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # bands of whole 99-pixel images
     "1x1_many_pixels": (3, 70, 37, (20, 21), (1, 1), (1, 1), (0, 0), (1, 1), 1),  # planar: 2 K steps, 2 chunks
+    "1x1_padded": (1, 5, 6, (6, 7), (1, 1), (1, 1), (1, 2), (1, 1), 1),  # planar: one tap, shifted
+    "3x3_dilation2": (2, 10, 12, (13, 11), (3, 3), (1, 1), (2, 1), (2, 1), 1),  # planar: taps 2 rows apart
+    "3x3_valid": (2, 6, 40, (12, 40), (3, 3), (1, 1), (0, 0), (1, 1), 1),  # output rows narrower than input's
 }
 
 
