@@ -337,7 +337,8 @@ void planar_rows(const WeightView& w, int64_t taps, int8_t* out) {
     std::memset(dst, 0, ld);
     if (n >= w.n) continue;
     const RowGroups groups(w, n);
-    for (int64_t e = 0; e < w.k_pad; e += lay.kk) _mm512_storeu_si512(codes.data() + e, weight_bytes(w, lay, groups, n, e));
+    for (int64_t e = 0; e < w.k_pad; e += lay.kk)
+      _mm512_storeu_si512(codes.data() + e, weight_bytes(w, lay, groups, n, e));
     for (int64_t c = 0; c < cin; ++c)
       for (int64_t t = 0; t < taps; ++t) dst[t * cin4 + c] = codes[c * taps + t];
   }

@@ -116,7 +116,8 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
             ck.tap_quads(src.data(), height, width, out_width, dy, dx, p0, len, dst.data());
             for (int64_t j = 0; j < len + 16; ++j) {
               const int64_t p = p0 + j, ih = p / out_width + dy, iw = p % out_width + dx;
-              const int32_t want = j >= len ? -1 : (ih >= 0 && ih < height && iw >= 0 && iw < width) ? src[ih * width + iw] : 0;
+              const bool inside = ih >= 0 && ih < height && iw >= 0 && iw < width;
+              const int32_t want = j >= len ? -1 : inside ? src[ih * width + iw] : 0;
               CHECK(dst[j] == want, "%s tap_quads %ldx%ld out_width=%ld shift (%ld, %ld) at %ld: %d, want %d", ck.name,
                     (long)height, (long)width, (long)out_width, (long)dy, (long)dx, (long)p, dst[j], want);
             }
