@@ -441,6 +441,16 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   });
 }
 
+// Channel quads [q0, q1) of an image as ConvKernels::quantize_quads writes them into dst [quads][ld_dst]; zero
+// for an unusable scale.
+void quantize_quads_or_zero(const ConvKernels& ck, const float* src, int64_t channels, int64_t pixels,
+                            int64_t ld_src, float scale, int8_t* dst, int64_t ld_dst, int64_t q0, int64_t q1) {
+  if (usable(scale))
+    ck.quantize_quads(src, channels, pixels, ld_src, scale, dst, ld_dst, q0, q1);
+  else
+    std::memset(dst + q0 * ld_dst * 4, 0, (q1 - q0) * ld_dst * 4);
+}
+
 // Pixels per chunk of a planar conv: kPlanarPixels, or less where the chunk's B rows (K x pixels bytes) would
 // crowd L2 or where that keeps every thread busy (small images, small batch); and the width of those rows (a
 // multiple of the product's 32-pixel blocks).
@@ -477,10 +487,7 @@ void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, co
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t p0 = u * chunks.size, len = std::min(chunks.size, pixels - p0);
-        if (usable(scale))
-          ck.quantize_quads(x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
-        else
-          std::memset(codes, 0, quads * chunks.ld * 4);
+        quantize_quads_or_zero(ck, x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
         multiply(b, scale, codes, p0, len);
       }
     });
@@ -490,11 +497,8 @@ void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, co
   int8_t* planes = scratch<int8_t>(Scratch::activations, s.batch * cin_quads * ld_plane * 4);
   const std::vector<float> scales =
       for_each_image(ck, x, s.batch, image, cin_quads, true, par, [&](int64_t b, float scale, int64_t q0, int64_t q1) {
-        int8_t* dst = planes + b * cin_quads * ld_plane * 4;
-        if (usable(scale))
-          ck.quantize_quads(x + b * image, C, pixels, pixels, scale, dst, ld_plane, q0, q1);
-        else
-          std::memset(dst + q0 * ld_plane * 4, 0, (q1 - q0) * ld_plane * 4);
+        quantize_quads_or_zero(ck, x + b * image, C, pixels, pixels, scale, planes + b * cin_quads * ld_plane * 4,
+                               ld_plane, q0, q1);
       });
   run_for(par, s.batch * chunks.count, [&](int64_t i0, int64_t i1) {
     int32_t* rows = scratch<int32_t>(Scratch::planar_codes, quads * chunks.ld);
