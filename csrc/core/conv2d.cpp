@@ -37,7 +37,7 @@ constexpr int64_t kStreamOutputBytes = 4 << 20;
 bool stream_output(const Conv2dShape& s) {
   return s.batch * s.out_channels * s.out_height() * s.out_width() * int64_t{sizeof(float)} >= kStreamOutputBytes;
 }
-// The planar path (amx::planar_a8): K within one int32 segment, and pixels per chunk, whose codes (K x pixels
+// The planar path (amx::planar_a8, avx512::planar_a8): K within one int32 segment, and pixels per chunk, whose codes (K x pixels
 // bytes: 36 KB for a 1x1 over 144 channels, 147 KB for a 3x3 over 64) are built and then multiplied while in
 // cache, a multiple of the product's 32-pixel blocks.
 constexpr int64_t kPlanarMaxK = 65536;
@@ -465,21 +465,22 @@ struct PlanarChunks {
   }
 };
 
-// A stride-1 conv on NCHW activations with int8 activations, planar throughout (amx::planar_a8): output
-// channels x pixels on the tile unit, giving out plane rows straight, with no transpose of input or output.
+// A stride-1 conv on NCHW activations with int8 activations, planar throughout (amx::planar_a8 on the tile unit,
+// avx512::planar_a8 on VNNI): output channels x pixels, giving out plane rows straight, with no transpose of input or output.
 // 1x1 unpadded: after an image's scale, each chunk of its pixels is quantized from its planes into quads of
 // channels and multiplied at once, the codes still in L1/L2 (where a thread has whole images, the quantizer
 // rereads the input from L2, where the absmax left it). With taps or padding: each image quantized into quad
 // planes first, then each chunk's B rows gathered tap by tap from them (ConvKernels::tap_quads).
-void planar_conv(const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
+void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
                  const float* bias, float* out, const Parallel& par) {
+  const auto product = isa == Isa::amx ? amx::planar_a8 : avx512::planar_a8;
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
   const PlanarChunks chunks(s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
   auto multiply = [&](int64_t b, float scale, const int8_t* codes, int64_t p0, int64_t len) {
-    amx::planar_a8(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, out + b * s.out_channels * out_pixels + p0,
+    product(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, out + b * s.out_channels * out_pixels + p0,
                    out_pixels, 0, len, stream);
   };
   if (taps == 1 && s.pad_h == 0 && s.pad_w == 0) {
@@ -570,7 +571,7 @@ struct PreparedPlan {
 
 bool conv_runs_planar(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
   return quantize_input && layout == Layout::nchw && s.stride_h == 1 && s.stride_w == 1 && s.groups == 1 &&
-         !s.depthwise() && isa == Isa::amx && amx_usable() && w.n_groups() == 1 &&
+         !s.depthwise() && ((isa == Isa::amx && amx_usable()) || isa == Isa::avx512) && w.n_groups() == 1 &&
          amx::planar_row_bytes(w, s.taps()) <= kPlanarMaxK;
 }
 
@@ -635,7 +636,7 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
   if (pw.planar) {
-    planar_conv(ck, s, x, pw, bias, out, par);
+    planar_conv(isa, ck, s, x, pw, bias, out, par);
     return;
   }
   if (quantize_input) {

@@ -2,9 +2,9 @@
 //
 //   depthwise (groups == in_channels == out_channels, any kernel): direct convolution with the weight
 //     dequantized per call (C x kh x kw floats), no GEMM;
-//   stride 1, one group, int8 activations in NCHW, on AMX: the planar product (amx::planar_a8: output channels x
-//     pixels, the activations quantized in quads of channels, each tap's B rows a shifted copy of those planes),
-//     so neither input nor output is transposed;
+//   stride 1, one group, int8 activations in NCHW, on AMX or AVX-512 VNNI: the planar product (amx::planar_a8,
+//     avx512::planar_a8: output channels x pixels, the activations quantized in quads of channels, each tap's B
+//     rows a shifted copy of those planes), so neither input nor output is transposed;
 //   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
@@ -66,8 +66,8 @@ struct PreparedConvWeight {
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
-// Whether the conv runs planar: stride 1, one group (not depthwise), NCHW, int8 activations, on usable AMX, with
-// one scale group per output channel (amx::planar_a8). Any kernel, padding and dilation.
+// Whether the conv runs planar: stride 1, one group (not depthwise), NCHW, int8 activations, on usable AMX or
+// on AVX-512 (VNNI), with one scale group per output channel (amx::planar_a8). Any kernel, padding and dilation.
 bool conv_runs_planar(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout, bool quantize_input);
 // Bytes of memory prepare_conv_weight needs (0: it only points at w). Only the shape's kernel, stride, padding and
 // groups matter, not its batch or image size.
