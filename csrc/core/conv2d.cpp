@@ -50,8 +50,10 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
-  prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales,  // the calling thread's
-  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,  // every worker's
+  // the calling thread's:
+  prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales, planar_corrections,
+  // every worker's:
+  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,
   count
 };
 
@@ -473,15 +475,24 @@ struct PlanarChunks {
 // planes first, then each chunk's B rows gathered tap by tap from them (ConvKernels::tap_quads).
 void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
                  const float* bias, float* out, const Parallel& par) {
-  const auto product = isa == Isa::amx ? amx::planar_a8 : avx512::planar_a8;
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
   const PlanarChunks chunks(s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
+  int32_t* corrections = nullptr;  // AVX-512's, once per call rather than per chunk (K x N bytes to sum)
+  if (isa != Isa::amx) {
+    const int64_t n = avx512::planar_corrections_len(s.out_channels);
+    corrections = scratch<int32_t>(Scratch::planar_corrections, n);
+    run_for(par, n, [&](int64_t n0, int64_t n1) { avx512::planar_corrections(pw.planar, ld_w, n0, n1, corrections); });
+  }
   auto multiply = [&](int64_t b, float scale, const int8_t* codes, int64_t p0, int64_t len) {
-    product(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, out + b * s.out_channels * out_pixels + p0,
-                   out_pixels, 0, len, stream);
+    float* dst = out + b * s.out_channels * out_pixels + p0;
+    if (isa == Isa::amx)
+      amx::planar_a8(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len, stream);
+    else
+      avx512::planar_a8(pw.planar, ld_w, pw.view, corrections, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len,
+                        stream);
   };
   if (taps == 1 && s.pad_h == 0 && s.pad_w == 0) {
     for_each_image(ck, x, s.batch, image, chunks.count, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {

@@ -11,10 +11,15 @@ namespace avx512 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
                int64_t n_begin, int64_t n_end);
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* x_scale);
-// amx::planar_a8 (below) on VNNI: the same arguments, the same weight rows (amx::planar_rows, plain AVX-512
-// code), the same results (exact int32 sums, the same epilogue).
-void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int8_t* x, int64_t ld_x, float x_scale,
-               const float* bias, float* out, int64_t ld_out, int64_t p_begin, int64_t p_end, bool stream);
+// amx::planar_a8 (below) on VNNI: the same weight rows (amx::planar_rows, plain AVX-512 code), the same results
+// (exact int32 sums, the same epilogue); vpdpbusd takes the activations as u = code + 128, so each row also needs
+// corrections[n] = -128 * its sum of weights (planar_corrections: entries [n_begin, n_end) of an array of
+// planar_corrections_len(w.n), for rows up to that length).
+int64_t planar_corrections_len(int64_t n);
+void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64_t n_end, int32_t* corrections);
+void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int32_t* corrections, const int8_t* x,
+               int64_t ld_x, float x_scale, const float* bias, float* out, int64_t ld_out, int64_t p_begin,
+               int64_t p_end, bool stream);
 }  // namespace avx512
 namespace avx2 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,

@@ -270,63 +270,64 @@ namespace {
 // The planar product's tile: kPlanarMr output channels x 32 pixels (two vectors), 16 accumulators.
 constexpr int kPlanarMr = 8;
 
-// Rows [n0, n0 + kPlanarMr) of the planar weight: -128 * the sum of each row's weights (the start value of its
-// accumulators, as for the panels above), and each row's 4-byte steps broadcast in turn by the tile loop.
-inline void planar_corrections(const int8_t* rows, int64_t ld_w, int32_t* out) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int r = 0; r < kPlanarMr; ++r) {
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t e = 0; e < ld_w; e += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(rows + r * ld_w + e));
-    out[r] = -128 * _mm512_reduce_add_epi32(sum);
-  }
-}
-
 // sums[r][h] = corrections[r] + sum over the quads of K of u * w for channel r of the block at `a` and pixels
-// 16h .. 16h + 15 from `b` (quads x_step bytes apart), u = code + 128. Not inlined: inlined into planar_a8, GCC 12
-// kept the 16 accumulators on the stack (a load and a store per vpdpbusd, 2x the time).
-__attribute__((noinline)) void planar_tile(const int8_t* a, int64_t ld_w, const int8_t* b, int64_t x_step, int64_t quads,
-                        const int32_t* corrections, int32_t (*sums)[2][kLanes]) {
+// 16h .. 16h + 15 (h < NV) from `b` (quads x_step bytes apart), u = code + 128. NV = 1 for a last block of at most
+// 16 pixels. Not inlined: inlined into planar_a8, GCC 12 kept the accumulators on the stack (a load and a store
+// per vpdpbusd, 2x the time).
+template <int NV>
+__attribute__((noinline)) void planar_tile(const int8_t* a, int64_t ld_w, const int8_t* b, int64_t x_step,
+                                          int64_t quads, const int32_t* corrections, int32_t (*sums)[2][kLanes]) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i acc[kPlanarMr][2];
+  __m512i acc[kPlanarMr][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kPlanarMr; ++r) acc[r][0] = acc[r][1] = _mm512_set1_epi32(corrections[r]);
+  for (int r = 0; r < kPlanarMr; ++r)
+    for (int h = 0; h < NV; ++h) acc[r][h] = _mm512_set1_epi32(corrections[r]);
   for (int64_t q = 0; q < quads; ++q, b += x_step) {
-    const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(b), flip);
-    const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(b + 64), flip);
+    __m512i u[NV];
+    for (int h = 0; h < NV; ++h) u[h] = _mm512_xor_si512(_mm512_loadu_si512(b + 64 * h), flip);
 #pragma GCC unroll 8
     for (int r = 0; r < kPlanarMr; ++r) {
       int32_t w4;
       std::memcpy(&w4, a + r * ld_w + 4 * q, sizeof(w4));
       const __m512i wb = _mm512_set1_epi32(w4);
-      dpbusd(acc[r][0], u0, wb);
-      dpbusd(acc[r][1], u1, wb);
+      for (int h = 0; h < NV; ++h) dpbusd(acc[r][h], u[h], wb);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kPlanarMr; ++r) {
-    _mm512_store_si512(sums[r][0], acc[r][0]);
-    _mm512_store_si512(sums[r][1], acc[r][1]);
-  }
+  for (int r = 0; r < kPlanarMr; ++r)
+    for (int h = 0; h < NV; ++h) _mm512_store_si512(sums[r][h], acc[r][h]);
 }
 
 }  // namespace
 
+int64_t planar_corrections_len(int64_t n) { return a8::round_up(n, kPlanarMr); }
+
+void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64_t n_end, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t e = 0; e < ld_w; e += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(rows + n * ld_w + e));
+    out[n] = -128 * _mm512_reduce_add_epi32(sum);
+  }
+}
+
 // The activations' words are the vector operand: flipped to u = code + 128 as they are loaded, each against a
 // broadcast step of one weight row, so C comes out as output channels x pixels, plane rows of the NCHW output.
-void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int8_t* x, int64_t ld_x, float x_scale,
-               const float* bias, float* out, int64_t ld_out, int64_t p_begin, int64_t p_end, bool stream) {
+void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int32_t* corrections, const int8_t* x,
+               int64_t ld_x, float x_scale, const float* bias, float* out, int64_t ld_out, int64_t p_begin,
+               int64_t p_end, bool stream) {
   if (p_begin >= p_end) return;
   const int64_t quads = ld_w / 4, x_step = ld_x * 4;  // bytes from one quad of K to the next
   const bool finite = std::isfinite(x_scale);
   const __m512 xs = _mm512_set1_ps(x_scale), nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-  thread_local a8::Scratch<int32_t> corrections_buf;
-  int32_t* corrections = corrections_buf.get(a8::round_up(w.n, kPlanarMr));
-  for (int64_t n0 = 0; n0 < w.n; n0 += kPlanarMr) planar_corrections(rows + n0 * ld_w, ld_w, corrections + n0);
   // Channel blocks outside, as in amx::planar_a8 (pixel blocks outside measured 1-3 % slower on Zen 4).
   for (int64_t n0 = 0; n0 < w.n; n0 += kPlanarMr)
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2 * kLanes) {
       alignas(64) int32_t sums[kPlanarMr][2][kLanes];
-      planar_tile(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, sums);
+      if (p_end - p0 > kLanes)
+        planar_tile<2>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, sums);
+      else
+        planar_tile<1>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, sums);
       for (int r = 0; r < kPlanarMr && n0 + r < w.n; ++r) {
         const int64_t n = n0 + r;
         const __m512 ws = _mm512_set1_ps(w.scale[n]), bn = _mm512_set1_ps(bias ? bias[n] : 0.0f);
