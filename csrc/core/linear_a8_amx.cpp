@@ -372,15 +372,8 @@ struct PlanarEpilogue {
         for (int h = 0; h < 2; ++h) {
           const int64_t p = blk.p0 + h * kTile, valid = std::min<int64_t>(kTile, p_end - p);
           if (valid <= 0) break;
-          const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(blk.sums->c[2 * a + h] + r * kTile)), ws);
-          const __m512 y = finite ? _mm512_fmadd_ps(v, xs, b) : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-          float* dst = out + n * ld_out + p;
-          if (valid < kTile)
-            _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << valid) - 1), y);
-          else if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
-            _mm512_stream_ps(dst, y);
-          else
-            _mm512_storeu_ps(dst, y);
+          simd512::store_planar(blk.sums->c[2 * a + h] + r * kTile, ws, xs, finite, b, out + n * ld_out + p, valid,
+                                stream);
         }
       }
   }

@@ -319,7 +319,7 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
   if (p_begin >= p_end) return;
   const int64_t quads = ld_w / 4, x_step = ld_x * 4;  // bytes from one quad of K to the next
   const bool finite = std::isfinite(x_scale);
-  const __m512 xs = _mm512_set1_ps(x_scale), nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  const __m512 xs = _mm512_set1_ps(x_scale);
   // Channel blocks outside, as in amx::planar_a8 (pixel blocks outside measured 1-3 % slower on Zen 4).
   for (int64_t n0 = 0; n0 < w.n; n0 += kPlanarMr)
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2 * kLanes) {
@@ -334,15 +334,7 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
         for (int h = 0; h < 2; ++h) {
           const int64_t p = p0 + h * kLanes, valid = std::min<int64_t>(kLanes, p_end - p);
           if (valid <= 0) break;
-          const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[r][h])), ws);
-          const __m512 y = finite ? _mm512_fmadd_ps(v, xs, bn) : nan;
-          float* dst = out + n * ld_out + p;
-          if (valid < kLanes)
-            _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << valid) - 1), y);
-          else if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
-            _mm512_stream_ps(dst, y);
-          else
-            _mm512_storeu_ps(dst, y);
+          simd512::store_planar(sums[r][h], ws, xs, finite, bn, out + n * ld_out + p, valid, stream);
         }
       }
     }
