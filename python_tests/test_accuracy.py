@@ -516,8 +516,14 @@ def fashion_mnist_or_skip():
 
 
 def test_cnn_int4_gptq_halves_rtn_loss_and_qat_keeps_fp32_accuracy():
-    """int4 per output channel: RTN loses ~0.8 points top-1 on this CNN; GPTQ must lose at most half of that,
-    QAT (100 fine-tuning steps) at most 0.5 points against fp32."""
+    """int4 per output channel: GPTQ must lose at most half of RTN's loss, QAT (100 fine-tuning steps) at most
+    0.5 points top-1 against fp32.
+
+    The CNN is trained on the machine that runs the test, and its float sums (hence its weights) differ between
+    CPUs: RTN has lost 0.8-1.0 points top-1 on an Intel Sapphire Rapids and 0.23 (23 of 10,000 images) on an AMD
+    Zen 4. So "loss" is measured as the increase of the test set's cross-entropy, which is not at the mercy of a
+    few images crossing a decision boundary; top-1 is held to the same halving where RTN's top-1 loss is large
+    enough (40 images) for it to mean something."""
     from quantkernels.accuracy import quantize_model
     from quantkernels.examples import accuracy as recipes
 
@@ -526,16 +532,24 @@ def test_cnn_int4_gptq_halves_rtn_loss_and_qat_keeps_fp32_accuracy():
     train_images, train_labels = fashion_mnist.load("train")
     images, labels = fashion_mnist.load("test")
     config = recipes.CNN_CONFIG
-    fp32 = recipes.top_k(model, images, labels, 1)
-    rtn = recipes.top_k(quantkernels.swap_to_quantized(copy.deepcopy(model), config), images, labels, 1)
+    rtn_model = quantkernels.swap_to_quantized(copy.deepcopy(model), config)
     gptq_model = quantize_model(copy.deepcopy(model), recipes.cnn_calibration(train_images), config)
-    gptq_top1 = recipes.top_k(gptq_model, images, labels, 1)
-    print(f"\nfp32 {fp32:.2f}  RTN {rtn:.2f}  GPTQ {gptq_top1:.2f}", flush=True)
+
+    def cross_entropy(m):
+        with torch.no_grad():
+            return F.cross_entropy(m(images), labels).item()
+
+    fp32, rtn, gptq = (recipes.top_k(m, images, labels, 1) for m in (model, rtn_model, gptq_model))
+    fp32_ce, rtn_ce, gptq_ce = (cross_entropy(m) for m in (model, rtn_model, gptq_model))
+    print(f"\ntop-1 fp32 {fp32:.2f}  RTN {rtn:.2f}  GPTQ {gptq:.2f}; cross-entropy fp32 {fp32_ce:.5f}  "
+          f"RTN {rtn_ce:.5f}  GPTQ {gptq_ce:.5f}", flush=True)
     end = recipes.CNN_CALIBRATION.start
     qat = recipes.top_k(recipes.cnn_qat(model, config, train_images[:end], train_labels[:end]), images, labels, 1)
     print(f"QAT {qat:.2f}", flush=True)
-    assert fp32 - rtn >= 0.4, "RTN must actually lose accuracy here for the comparison to mean anything"
-    assert fp32 - gptq_top1 <= (fp32 - rtn) / 2
+    assert rtn_ce - fp32_ce > 1e-3, "RTN must actually lose accuracy here for the comparison to mean anything"
+    assert gptq_ce - fp32_ce <= (rtn_ce - fp32_ce) / 2
+    if fp32 - rtn >= 0.4:
+        assert fp32 - gptq <= (fp32 - rtn) / 2
     assert qat >= fp32 - 0.5
 
 
