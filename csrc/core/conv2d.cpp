@@ -37,9 +37,9 @@ constexpr int64_t kStreamOutputBytes = 4 << 20;
 bool stream_output(const Conv2dShape& s) {
   return s.batch * s.out_channels * s.out_height() * s.out_width() * int64_t{sizeof(float)} >= kStreamOutputBytes;
 }
-// The planar path (amx::planar_a8, avx512::planar_a8): K within one int32 segment, and pixels per chunk, whose codes (K x pixels
-// bytes: 36 KB for a 1x1 over 144 channels, 147 KB for a 3x3 over 64) are built and then multiplied while in
-// cache, a multiple of the product's 32-pixel blocks.
+// The planar path (amx::planar_a8, avx512::planar_a8): K within one int32 segment, and pixels per chunk, whose
+// codes (K x pixels bytes: 36 KB for a 1x1 over 144 channels, 147 KB for a 3x3 over 64) are built and then
+// multiplied while in cache, a multiple of the product's 32-pixel blocks.
 constexpr int64_t kPlanarMaxK = 65536;
 constexpr int64_t kPlanarPixels = 256;
 constexpr int64_t kPlanarMinPixels = 32;
@@ -468,7 +468,8 @@ struct PlanarChunks {
 };
 
 // A stride-1 conv on NCHW activations with int8 activations, planar throughout (amx::planar_a8 on the tile unit,
-// avx512::planar_a8 on VNNI): output channels x pixels, giving out plane rows straight, with no transpose of input or output.
+// avx512::planar_a8 on VNNI): output channels x pixels, giving out plane rows straight, with no transpose of
+// input or output.
 // 1x1 unpadded: after an image's scale, each chunk of its pixels is quantized from its planes into quads of
 // channels and multiplied at once, the codes still in L1/L2 (where a thread has whole images, the quantizer
 // rereads the input from L2, where the absmax left it). With taps or padding: each image quantized into quad

@@ -273,7 +273,8 @@ constexpr int kPlanarMr = 8;
 // sums[r][h] = corrections[r] + sum over the quads of K of u * w for channel r of the block at `a` and pixels
 // 16h .. 16h + 15 (h < NV) from `b` (quads x_step bytes apart), u = code + 128. NV = 1 for a last block of at most
 // 16 pixels. Not inlined: inlined into planar_a8, GCC 12 kept the accumulators on the stack (a load and a store
-// per vpdpbusd, 2x the time).
+// per vpdpbusd, 2x the time). Overflow: after any prefix of K an accumulator holds sum_prefix code * w - 128 *
+// sum_rest w, at most 128 * 128 * K in magnitude = 2^30 for the largest planar K (65536).
 template <int NV>
 __attribute__((noinline)) void planar_tile(const int8_t* a, int64_t ld_w, const int8_t* b, int64_t x_step,
                                           int64_t quads, const int32_t* corrections, int32_t (*sums)[2][kLanes]) {
@@ -306,7 +307,8 @@ void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t n = n_begin; n < n_end; ++n) {
     __m512i sum = _mm512_setzero_si512();
-    for (int64_t e = 0; e < ld_w; e += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(rows + n * ld_w + e));
+    for (int64_t e = 0; e < ld_w; e += 64)
+      sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(rows + n * ld_w + e));
     out[n] = -128 * _mm512_reduce_add_epi32(sum);
   }
 }
