@@ -50,10 +50,8 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
-  // the calling thread's:
-  prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales, planar_corrections,
-  // every worker's:
-  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,
+  prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales,  // the calling thread's
+  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,  // every worker's
   count
 };
 
@@ -481,18 +479,12 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
   const PlanarChunks chunks(s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
-  int32_t* corrections = nullptr;  // AVX-512's, once per call rather than per chunk (K x N bytes to sum)
-  if (isa != Isa::amx) {
-    const int64_t n = avx512::planar_corrections_len(s.out_channels);
-    corrections = scratch<int32_t>(Scratch::planar_corrections, n);
-    run_for(par, n, [&](int64_t n0, int64_t n1) { avx512::planar_corrections(pw.planar, ld_w, n0, n1, corrections); });
-  }
   auto multiply = [&](int64_t b, float scale, const int8_t* codes, int64_t p0, int64_t len) {
     float* dst = out + b * s.out_channels * out_pixels + p0;
     if (isa == Isa::amx)
       amx::planar_a8(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len, stream);
     else
-      avx512::planar_a8(pw.planar, ld_w, pw.view, corrections, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len,
+      avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len,
                         stream);
   };
   if (taps == 1 && s.pad_h == 0 && s.pad_w == 0) {
@@ -553,7 +545,7 @@ bool direct_rows(const Conv2dShape& s) {
 
 // What prepare_conv_weight builds for a weight, only what the calls it serves read: the reordered rows (unless
 // packed: packing reads them from scratch), the packed groups, or the planar rows (unless the stored int8 rows
-// serve as they are).
+// serve as they are) and, for AVX-512's product, their corrections.
 struct PreparedPlan {
   bool taps_major = false;
   bool reorder = false;
@@ -561,6 +553,7 @@ struct PreparedPlan {
   int64_t packed_group_bytes = 0;  // 0: not packed
   bool planar = false;
   int64_t planar_bytes = 0;        // 0: no planar weight, or the stored rows
+  int64_t corrections_bytes = 0;   // avx512::planar_corrections of the planar rows; 0 on AMX (signed tiles)
   int64_t groups = 1;
 
   PreparedPlan(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
@@ -575,8 +568,11 @@ struct PreparedPlan {
     else if (!planar && quantize_input && lk.packed_a8_bytes)
       packed_group_bytes = lk.packed_a8_bytes(group_rows(w, 0, s.group_out()));
     if (reorder && packed_group_bytes == 0) reordered_bytes = round_up(w.n * w.row_bytes(), 64);
+    if (planar && isa != Isa::amx)
+      corrections_bytes = round_up(avx512::planar_corrections_len(w.n) * int64_t{sizeof(int32_t)}, 64);
   }
-  int64_t bytes() const { return reordered_bytes + groups * packed_group_bytes + planar_bytes; }
+  int64_t planar_offset() const { return reordered_bytes + groups * packed_group_bytes; }
+  int64_t bytes() const { return planar_offset() + planar_bytes + corrections_bytes; }
 };
 
 }  // namespace
@@ -618,9 +614,17 @@ PreparedConvWeight prepare_conv_weight(Isa isa, const Conv2dShape& s, const Weig
     if (plan.reorder) p.view.qdata = nullptr;  // the reordered rows were scratch; the GEMMs read the packed ones
   }
   if (plan.planar) {
-    int8_t* rows = reinterpret_cast<int8_t*>(memory + plan.reordered_bytes + plan.groups * plan.packed_group_bytes);
+    int8_t* rows = reinterpret_cast<int8_t*>(memory + plan.planar_offset());
     if (plan.planar_bytes > 0) amx::planar_rows(w, s.taps(), rows);
     p.planar = plan.planar_bytes > 0 ? rows : static_cast<const int8_t*>(w.qdata);  // int8 rows that fit as stored
+    if (plan.corrections_bytes > 0) {
+      int32_t* corrections = reinterpret_cast<int32_t*>(memory + plan.planar_offset() + plan.planar_bytes);
+      const int64_t ld_w = amx::planar_row_bytes(w, s.taps());
+      run_for(par, avx512::planar_corrections_len(w.n), [&](int64_t n0, int64_t n1) {
+        avx512::planar_corrections(p.planar, ld_w, n0, n1, corrections);
+      });
+      p.planar_corrections = corrections;
+    }
   }
   return p;
 }

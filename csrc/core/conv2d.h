@@ -63,6 +63,7 @@ struct PreparedConvWeight {
   const int8_t* packed = nullptr;  // [groups][packed_group_bytes], or nullptr: the GEMMs pack per call
   int64_t packed_group_bytes = 0;
   const int8_t* planar = nullptr;  // the weight as amx::planar_rows lays it out, for NCHW int8 activations
+  const int32_t* planar_corrections = nullptr;  // for avx512::planar_a8: -128 x each planar row's sum
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
