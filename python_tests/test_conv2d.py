@@ -45,6 +45,8 @@ CASES = {
     "1x1_padded": (1, 5, 6, (6, 7), (1, 1), (1, 1), (1, 2), (1, 1), 1),  # planar: one tap, shifted
     "3x3_dilation2": (2, 10, 12, (13, 11), (3, 3), (1, 1), (2, 1), (2, 1), 1),  # planar: taps 2 rows apart
     "3x3_valid": (2, 6, 40, (12, 40), (3, 3), (1, 1), (0, 0), (1, 1), 1),  # output rows narrower than input's
+    # Small images (here and "1x1"): on AVX-512 VNNI the planar chunks run across images, 49 pixels apart here.
+    "7x7_images": (5, 24, 20, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
 }
 
 
@@ -189,7 +191,7 @@ def test_prepared_weights_live_with_their_tensors(rng):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "3x1_groups2"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "3x1_groups2", "7x7_images"])
 def test_non_finite_image(isa, name, value, rng):
     """Dynamic activations: an image holding NaN or Inf is NaN throughout; the other images are unaffected."""
     case = list(CASES[name])

@@ -451,49 +451,94 @@ void quantize_quads_or_zero(const ConvKernels& ck, const float* src, int64_t cha
     std::memset(dst + q0 * ld_dst * 4, 0, (q1 - q0) * ld_dst * 4);
 }
 
-// Pixels per chunk of a planar conv: kPlanarPixels, or less where the chunk's B rows (K x pixels bytes) would
-// crowd L2 or where that keeps every thread busy (small images, small batch); and the width of those rows (a
-// multiple of the product's 32-pixel blocks).
+// Lanes the planar product computes for a run of `len` pixels: 32-pixel blocks, the last one 16 wide where it can.
+int64_t planar_lanes(int64_t len) {
+  const int64_t rest = len % 32;
+  return len - rest + (rest == 0 ? 0 : rest <= 16 ? 16 : 32);
+}
+
+// The chunks of a planar conv, ranges of output pixels in the space of all images' pixels one after another:
+// their codes (K x pixels bytes) are built and multiplied while in cache. Per image: kPlanarPixels each, or less
+// where the chunk's B rows would crowd L2 or where that keeps every thread busy (small images, small batch).
+// Packed (avx512::planar_a8 only, which takes several images' pixels in one chunk): where small images would
+// leave more than 1/8 of the lanes idle (7x7: 49 pixels in 64 lanes), the chunks run across image boundaries
+// instead, starting on whole vectors, as many as the threads need and no larger than the L2 bound.
 struct PlanarChunks {
-  int64_t size = kPlanarPixels, ld = 0, count = 0;
-  PlanarChunks(int64_t batch, int64_t pixels, int64_t k, const Parallel& par) {
+  int64_t size = kPlanarPixels, ld = 0, count = 0, pixels = 0, total = 0;
+  int64_t per_image = 0;  // chunks an image, where not packed
+  int64_t vectors = 0;    // packed: the 16-pixel vectors of all images, split evenly over the chunks
+  bool packed = false;
+
+  PlanarChunks(bool can_pack, int64_t batch, int64_t pixels_, int64_t k, const Parallel& par)
+      : pixels(pixels_), total(batch * pixels_) {
     while (size > kPlanarMinPixels &&
            (size * k > kPlanarChunkBytes || batch * ((pixels + size - 1) / size) < 2 * par.num_threads))
       size /= 2;
     ld = std::min(size, round_up(pixels, kPlanarMinPixels));
-    count = (pixels + size - 1) / size;
+    per_image = (pixels + size - 1) / size;
+    count = batch * per_image;
+    vectors = (total + 15) / 16;
+    const int64_t image_lanes = (per_image - 1) * size + planar_lanes(pixels - (per_image - 1) * size);
+    if (!can_pack || 8 * batch * image_lanes <= 9 * 16 * vectors) return;
+    const int64_t most = std::max<int64_t>(2, std::min(kPlanarPixels, kPlanarChunkBytes / k) / 16);
+    packed = true;
+    count = std::min(round_up((vectors + most - 1) / most, par.num_threads), std::max<int64_t>(1, vectors / 2));
+    ld = round_up((vectors + count - 1) / count * 16, kPlanarMinPixels);
+  }
+  // Chunk i: pixels [begin(i), end(i)) of all images.
+  int64_t begin(int64_t i) const {
+    return packed ? std::min(total, 16 * (i * vectors / count)) : i / per_image * pixels + i % per_image * size;
+  }
+  int64_t end(int64_t i) const {
+    return packed ? begin(i + 1) : std::min(begin(i) + size, (i / per_image + 1) * pixels);
   }
 };
 
 // A stride-1 conv on NCHW activations with int8 activations, planar throughout (amx::planar_a8 on the tile unit,
 // avx512::planar_a8 on VNNI): output channels x pixels, giving out plane rows straight, with no transpose of
 // input or output.
-// 1x1 unpadded: after an image's scale, each chunk of its pixels is quantized from its planes into quads of
-// channels and multiplied at once, the codes still in L1/L2 (where a thread has whole images, the quantizer
-// rereads the input from L2, where the absmax left it). With taps or padding: each image quantized into quad
-// planes first, then each chunk's B rows gathered tap by tap from them (ConvKernels::tap_quads).
+// 1x1 unpadded, per image: after an image's scale, each chunk of its pixels is quantized from its planes into
+// quads of channels and multiplied at once, the codes still in L1/L2 (where a thread has whole images, the
+// quantizer rereads the input from L2, where the absmax left it). Otherwise (taps, padding, or packed chunks):
+// each image quantized into quad planes first, then each chunk's B rows gathered tap by tap from them
+// (ConvKernels::tap_quads).
 void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
                  const float* bias, float* out, const Parallel& par) {
-  const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
+  const int64_t C = s.in_channels, N = s.out_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
-  const PlanarChunks chunks(s.batch, out_pixels, ld_w, par);
+  const PlanarChunks chunks(isa != Isa::amx, s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
-  auto multiply = [&](int64_t b, float scale, const int8_t* codes, int64_t p0, int64_t len) {
-    float* dst = out + b * s.out_channels * out_pixels + p0;
-    if (isa == Isa::amx)
-      amx::planar_a8(pw.planar, ld_w, pw.view, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len, stream);
-    else
-      avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, scale, bias, dst, out_pixels, 0, len,
-                        stream);
+  // Chunk i's pieces, one per image it covers, given the images' scales.
+  auto pieces_of = [&](int64_t i, const float* scales, std::vector<PlanarPiece>& pieces) {
+    pieces.clear();
+    const int64_t g0 = chunks.begin(i), g1 = chunks.end(i);
+    for (int64_t g = g0; g < g1;) {
+      const int64_t b = g / out_pixels, p = g % out_pixels, len = std::min(g1 - g, out_pixels - p);
+      pieces.push_back({g - g0, g - g0 + len, scales[b], out + (b * N * out_pixels + p)});
+      g += len;
+    }
   };
-  if (taps == 1 && s.pad_h == 0 && s.pad_w == 0) {
-    for_each_image(ck, x, s.batch, image, chunks.count, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+  auto multiply = [&](const int8_t* codes, const std::vector<PlanarPiece>& pieces) {
+    if (isa != Isa::amx) {
+      avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, pieces.data(),
+                        static_cast<int64_t>(pieces.size()), bias, out_pixels, stream);
+      return;
+    }
+    for (const PlanarPiece& piece : pieces)  // one piece a chunk: AMX chunks are never packed
+      amx::planar_a8(pw.planar, ld_w, pw.view, codes + 4 * piece.begin, chunks.ld, piece.x_scale, bias, piece.out,
+                     out_pixels, 0, piece.end - piece.begin, stream);
+  };
+  if (taps == 1 && s.pad_h == 0 && s.pad_w == 0 && !chunks.packed) {
+    const int64_t per_image = chunks.per_image;
+    for_each_image(ck, x, s.batch, image, per_image, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t p0 = u * chunks.size, len = std::min(chunks.size, pixels - p0);
+      std::vector<PlanarPiece> pieces;
+      for (int64_t u = b * per_image + u0; u < b * per_image + u1; ++u) {
+        const int64_t p0 = chunks.begin(u) - b * pixels, len = chunks.end(u) - chunks.begin(u);
+        pieces.assign(1, {0, len, scale, out + b * N * out_pixels + p0});
         quantize_quads_or_zero(ck, x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
-        multiply(b, scale, codes, p0, len);
+        multiply(codes, pieces);
       }
     });
     return;
@@ -505,22 +550,25 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
         quantize_quads_or_zero(ck, x + b * image, C, pixels, pixels, scale, planes + b * cin_quads * ld_plane * 4,
                                ld_plane, q0, q1);
       });
-  run_for(par, s.batch * chunks.count, [&](int64_t i0, int64_t i1) {
+  run_for(par, chunks.count, [&](int64_t i0, int64_t i1) {
     int32_t* rows = scratch<int32_t>(Scratch::planar_codes, quads * chunks.ld);
     // K past the taps: zero codes (the weight is zero there too; this keeps the bytes defined).
     std::memset(rows + taps * cin_quads * chunks.ld, 0, (quads - taps * cin_quads) * chunks.ld * 4);
+    std::vector<PlanarPiece> pieces;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / chunks.count, p0 = i % chunks.count * chunks.size;
-      const int64_t len = std::min(chunks.size, out_pixels - p0);
-      const int32_t* image_planes = reinterpret_cast<const int32_t*>(planes) + b * cin_quads * ld_plane;
-      for (int64_t kh = 0; kh < s.kernel_h; ++kh)
-        for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
-          const int64_t t = kh * s.kernel_w + kw, dy = kh * s.dilation_h - s.pad_h, dx = kw * s.dilation_w - s.pad_w;
-          for (int64_t q = 0; q < cin_quads; ++q)
-            ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0, len,
-                         rows + (t * cin_quads + q) * chunks.ld);
-        }
-      multiply(b, scales[b], reinterpret_cast<const int8_t*>(rows), p0, len);
+      pieces_of(i, scales.data(), pieces);
+      for (const PlanarPiece& piece : pieces) {
+        const int64_t g = chunks.begin(i) + piece.begin, b = g / out_pixels, p0 = g % out_pixels;
+        const int32_t* image_planes = reinterpret_cast<const int32_t*>(planes) + b * cin_quads * ld_plane;
+        for (int64_t kh = 0; kh < s.kernel_h; ++kh)
+          for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
+            const int64_t t = kh * s.kernel_w + kw, dy = kh * s.dilation_h - s.pad_h, dx = kw * s.dilation_w - s.pad_w;
+            for (int64_t q = 0; q < cin_quads; ++q)
+              ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0,
+                           piece.end - piece.begin, rows + (t * cin_quads + q) * chunks.ld + piece.begin);
+          }
+      }
+      multiply(reinterpret_cast<const int8_t*>(rows), pieces);
     }
   });
 }

@@ -7,6 +7,14 @@
 #include "formats.h"
 
 namespace qk {
+// Columns [begin, end) of a planar product's X, one image's output pixels: they are quantized by x_scale and
+// column c of output channel n goes to out[n * ld_out + c - begin].
+struct PlanarPiece {
+  int64_t begin = 0, end = 0;
+  float x_scale = 1.0f;
+  float* out = nullptr;
+};
+
 namespace avx512 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
                int64_t n_begin, int64_t n_end);
@@ -15,11 +23,14 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* 
 // (exact int32 sums, the same epilogue); vpdpbusd takes the activations as u = code + 128, so each row also needs
 // corrections[n] = -128 * its sum of weights (planar_corrections: entries [n_begin, n_end) of an array of
 // planar_corrections_len(w.n), for rows up to that length).
+// The columns of X may hold several images' pixels one after another (small images packed so that the 16-lane
+// vectors are full): pieces[0 .. count) in column order, each one image's run of columns with its own scale and
+// destination, adjacent (pieces[i].end == pieces[i + 1].begin); ld_x a multiple of 32 >= pieces[count - 1].end.
 int64_t planar_corrections_len(int64_t n);
 void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64_t n_end, int32_t* corrections);
 void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int32_t* corrections, const int8_t* x,
-               int64_t ld_x, float x_scale, const float* bias, float* out, int64_t ld_out, int64_t p_begin,
-               int64_t p_end, bool stream);
+               int64_t ld_x, const PlanarPiece* pieces, int64_t count, const float* bias, int64_t ld_out,
+               bool stream);
 }  // namespace avx512
 namespace avx2 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,

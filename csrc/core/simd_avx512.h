@@ -38,15 +38,16 @@ inline void transpose16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// One output row piece of a planar conv product (amx::planar_a8, avx512::planar_a8): lanes [0, valid) of
-// (sums * w_scale) * x_scale + bias, NaN throughout where x_scale is not finite, stored to dst; a whole aligned
-// vector goes around the caches when stream.
+// One output row piece of a planar conv product (amx::planar_a8, avx512::planar_a8): for the `valid` (1 to 16)
+// sums from `sums` on, (sums * w_scale) * x_scale + bias, NaN throughout where x_scale is not finite, stored to
+// dst; a whole aligned vector goes around the caches when stream. Reads no sum past the valid ones.
 inline void store_planar(const int32_t* sums, __m512 w_scale, __m512 x_scale, bool finite, __m512 bias, float* dst,
                          int64_t valid, bool stream) {
-  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums)), w_scale);
+  const __mmask16 keep = valid < 16 ? static_cast<__mmask16>((1u << valid) - 1) : __mmask16(0xFFFF);
+  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(keep, sums)), w_scale);
   const __m512 y = finite ? _mm512_fmadd_ps(v, x_scale, bias) : _mm512_set1_ps(__builtin_nanf(""));
   if (valid < 16)
-    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << valid) - 1), y);
+    _mm512_mask_storeu_ps(dst, keep, y);
   else if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
     _mm512_stream_ps(dst, y);
   else

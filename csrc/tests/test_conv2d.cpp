@@ -272,6 +272,9 @@ const Case kCases[] = {
     {1, 6, 9, 12, 13, 3, 3, 1, 1, 2, 1, 2, 1, 1},     // dilation 2 rows, uneven padding
     {1, 5, 4, 6, 7, 1, 1, 1, 1, 1, 2, 1, 1, 1},       // 1x1 padded: one tap, shifted
     {1, 9, 33, 23, 24, 5, 3, 1, 1, 2, 1, 1, 1, 1},    // 5x3 over 552 pixels: several chunks, K of 15 taps x 12
+    // Small images on AVX-512 VNNI: planar chunks run across images (the case above the 5x3 packs 42-pixel ones).
+    {3, 9, 11, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // 7x7 images, 3x3: 49 pixels each
+    {5, 20, 13, 5, 5, 1, 1, 1, 1, 0, 0, 1, 1, 1},     // 1x1 over 25-pixel images: images start mid-vector
 };
 
 }  // namespace
@@ -299,6 +302,7 @@ int main() {
     for (bool quantize_input : {false, true}) {  // a NaN in one image of two
       check_conv(isa, rng, kCases[2], 8, true, 0, quantize_input, true, true);
       check_conv(isa, rng, kCases[8], 4, false, 32, quantize_input, false, true);
+      check_conv(isa, rng, kCases[17], 8, true, 0, quantize_input, true, true);  // packed: image 1 stays finite
     }
     std::printf("%s: checked\n", qk::isa_name(isa));
   }
