@@ -461,15 +461,16 @@ int64_t planar_lanes(int64_t len) {
 // their codes (K x pixels bytes) are built and multiplied while in cache. Per image: kPlanarPixels each, or less
 // where the chunk's B rows would crowd L2 or where that keeps every thread busy (small images, small batch).
 // Packed (avx512::planar_a8 only, which takes several images' pixels in one chunk): where small images would
-// leave more than 1/8 of the lanes idle (7x7: 49 pixels in 64 lanes), the chunks run across image boundaries
-// instead, starting on whole vectors, as many as the threads need and no larger than the L2 bound.
+// leave more than 1 / pack_over of the lanes idle (7x7: 49 pixels in 64 lanes), the chunks run across image
+// boundaries instead, starting on whole vectors, as many as the threads need and no larger than the L2 bound;
+// pack_over 0: never.
 struct PlanarChunks {
   int64_t size = kPlanarPixels, ld = 0, count = 0, pixels = 0, total = 0;
   int64_t per_image = 0;  // chunks an image, where not packed
   int64_t vectors = 0;    // packed: the 16-pixel vectors of all images, split evenly over the chunks
   bool packed = false;
 
-  PlanarChunks(bool can_pack, int64_t batch, int64_t pixels_, int64_t k, const Parallel& par)
+  PlanarChunks(int64_t pack_over, int64_t batch, int64_t pixels_, int64_t k, const Parallel& par)
       : pixels(pixels_), total(batch * pixels_) {
     while (size > kPlanarMinPixels &&
            (size * k > kPlanarChunkBytes || batch * ((pixels + size - 1) / size) < 2 * par.num_threads))
@@ -479,7 +480,7 @@ struct PlanarChunks {
     count = batch * per_image;
     vectors = (total + 15) / 16;
     const int64_t image_lanes = (per_image - 1) * size + planar_lanes(pixels - (per_image - 1) * size);
-    if (!can_pack || 8 * batch * image_lanes <= 9 * 16 * vectors) return;
+    if (pack_over == 0 || pack_over * batch * image_lanes <= (pack_over + 1) * 16 * vectors) return;
     const int64_t most = std::max<int64_t>(2, std::min(kPlanarPixels, kPlanarChunkBytes / k) / 16);
     packed = true;
     count = std::min(round_up((vectors + most - 1) / most, par.num_threads), std::max<int64_t>(1, vectors / 2));
@@ -507,7 +508,12 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
   const int64_t C = s.in_channels, N = s.out_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
-  const PlanarChunks chunks(isa != Isa::amx, s.batch, out_pixels, ld_w, par);
+  // Packed chunks gather their B rows from quad planes. Convs with taps do anyway: pack them where over 1/32 of
+  // the lanes would idle (ResNet-50 stage3 3x3, 196 pixels in 208 lanes: 0.96x the time). An unpadded 1x1 would
+  // give up quantizing its chunks straight from the input (384->64 at 14x14, 1/16 idle, measured 1.05x the time
+  // packed): only past 1/8.
+  const bool direct_1x1 = taps == 1 && s.pad_h == 0 && s.pad_w == 0;
+  const PlanarChunks chunks(isa == Isa::amx ? 0 : direct_1x1 ? 8 : 32, s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
   // Chunk i's pieces, one per image it covers, given the images' scales.
   auto pieces_of = [&](int64_t i, const float* scales, std::vector<PlanarPiece>& pieces) {
@@ -529,7 +535,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
       amx::planar_a8(pw.planar, ld_w, pw.view, codes + 4 * piece.begin, chunks.ld, piece.x_scale, bias, piece.out,
                      out_pixels, 0, piece.end - piece.begin, stream);
   };
-  if (taps == 1 && s.pad_h == 0 && s.pad_w == 0 && !chunks.packed) {
+  if (direct_1x1 && !chunks.packed) {
     const int64_t per_image = chunks.per_image;
     for_each_image(ck, x, s.batch, image, per_image, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
