@@ -4,7 +4,8 @@
 //     dequantized per call (C x kh x kw floats), no GEMM;
 //   stride 1, one group, int8 activations in NCHW, on AMX or AVX-512 VNNI: the planar product (amx::planar_a8,
 //     avx512::planar_a8: output channels x pixels, the activations quantized in quads of channels, each tap's B
-//     rows a shifted copy of those planes), so neither input nor output is transposed;
+//     rows a shifted copy of those planes), so neither input nor output is transposed; on VNNI small images'
+//     pixels share chunks, so that 7x7 images do not leave a quarter of the lanes idle;
 //   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
