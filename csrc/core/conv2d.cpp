@@ -525,26 +525,25 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
       g += len;
     }
   };
-  auto multiply = [&](const int8_t* codes, const std::vector<PlanarPiece>& pieces) {
+  auto multiply = [&](const int8_t* codes, const PlanarPiece* pieces, int64_t count) {
     if (isa != Isa::amx) {
-      avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, pieces.data(),
-                        static_cast<int64_t>(pieces.size()), bias, out_pixels, stream);
+      avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, pieces, count, bias,
+                        out_pixels, stream);
       return;
     }
-    for (const PlanarPiece& piece : pieces)  // one piece a chunk: AMX chunks are never packed
-      amx::planar_a8(pw.planar, ld_w, pw.view, codes + 4 * piece.begin, chunks.ld, piece.x_scale, bias, piece.out,
-                     out_pixels, 0, piece.end - piece.begin, stream);
+    for (int64_t i = 0; i < count; ++i)  // one piece a chunk: AMX chunks are never packed
+      amx::planar_a8(pw.planar, ld_w, pw.view, codes + 4 * pieces[i].begin, chunks.ld, pieces[i].x_scale, bias,
+                     pieces[i].out, out_pixels, 0, pieces[i].end - pieces[i].begin, stream);
   };
   if (direct_1x1 && !chunks.packed) {
     const int64_t per_image = chunks.per_image;
     for_each_image(ck, x, s.batch, image, per_image, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
-      std::vector<PlanarPiece> pieces;
       for (int64_t u = b * per_image + u0; u < b * per_image + u1; ++u) {
         const int64_t p0 = chunks.begin(u) - b * pixels, len = chunks.end(u) - chunks.begin(u);
-        pieces.assign(1, {0, len, scale, out + b * N * out_pixels + p0});
+        const PlanarPiece piece{0, len, scale, out + b * N * out_pixels + p0};
         quantize_quads_or_zero(ck, x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
-        multiply(codes, pieces);
+        multiply(codes, &piece, 1);
       }
     });
     return;
@@ -574,7 +573,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
                            piece.end - piece.begin, rows + (t * cin_quads + q) * chunks.ld + piece.begin);
           }
       }
-      multiply(reinterpret_cast<const int8_t*>(rows), pieces);
+      multiply(reinterpret_cast<const int8_t*>(rows), pieces.data(), static_cast<int64_t>(pieces.size()));
     }
   });
 }

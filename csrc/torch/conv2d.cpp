@@ -235,10 +235,10 @@ at::Tensor conv2d_impl(int bits, const at::Tensor& x, const at::Tensor& qweight,
     return y.contiguous(memory_format).to(x.scalar_type());
   }
 
-  at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
   const auto layout = channels_last ? qk::Layout::nhwc : qk::Layout::nchw;
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const auto prepared = PreparedWeights::instance().get(shape, layout, w, qweight, scale, zero_point, quantize_input);
+  at::Tensor out = at::empty({batch, cout, oh, ow}, x.options().dtype(at::kFloat).memory_format(memory_format));
   if (prepared)
     qk::conv2d(prepared->key.isa, shape, layout, xf.data_ptr<float>(), prepared->prepared, bias_ptr, quantize_input,
                out.data_ptr<float>(), torch_parallel());
