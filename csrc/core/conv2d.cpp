@@ -515,16 +515,6 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
   const bool direct_1x1 = taps == 1 && s.pad_h == 0 && s.pad_w == 0;
   const PlanarChunks chunks(isa == Isa::amx ? 0 : direct_1x1 ? 8 : 32, s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
-  // Chunk i's pieces, one per image it covers, given the images' scales.
-  auto pieces_of = [&](int64_t i, const float* scales, std::vector<PlanarPiece>& pieces) {
-    pieces.clear();
-    const int64_t g0 = chunks.begin(i), g1 = chunks.end(i);
-    for (int64_t g = g0; g < g1;) {
-      const int64_t b = g / out_pixels, p = g % out_pixels, len = std::min(g1 - g, out_pixels - p);
-      pieces.push_back({g - g0, g - g0 + len, scales[b], out + (b * N * out_pixels + p)});
-      g += len;
-    }
-  };
   auto multiply = [&](const int8_t* codes, const PlanarPiece* pieces, int64_t count) {
     if (isa != Isa::amx) {
       avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, pieces, count, bias,
@@ -540,7 +530,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
     for_each_image(ck, x, s.batch, image, per_image, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
       for (int64_t u = b * per_image + u0; u < b * per_image + u1; ++u) {
-        const int64_t p0 = chunks.begin(u) - b * pixels, len = chunks.end(u) - chunks.begin(u);
+        const int64_t g0 = chunks.begin(u), p0 = g0 - b * pixels, len = chunks.end(u) - g0;
         const PlanarPiece piece{0, len, scale, out + b * N * out_pixels + p0};
         quantize_quads_or_zero(ck, x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
         multiply(codes, &piece, 1);
@@ -561,17 +551,20 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
     std::memset(rows + taps * cin_quads * chunks.ld, 0, (quads - taps * cin_quads) * chunks.ld * 4);
     std::vector<PlanarPiece> pieces;
     for (int64_t i = i0; i < i1; ++i) {
-      pieces_of(i, scales.data(), pieces);
-      for (const PlanarPiece& piece : pieces) {
-        const int64_t g = chunks.begin(i) + piece.begin, b = g / out_pixels, p0 = g % out_pixels;
+      pieces.clear();  // one per image the chunk covers
+      const int64_t g0 = chunks.begin(i), g1 = chunks.end(i);
+      for (int64_t g = g0; g < g1;) {
+        const int64_t b = g / out_pixels, p0 = g % out_pixels, len = std::min(g1 - g, out_pixels - p0);
         const int32_t* image_planes = reinterpret_cast<const int32_t*>(planes) + b * cin_quads * ld_plane;
         for (int64_t kh = 0; kh < s.kernel_h; ++kh)
           for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
             const int64_t t = kh * s.kernel_w + kw, dy = kh * s.dilation_h - s.pad_h, dx = kw * s.dilation_w - s.pad_w;
             for (int64_t q = 0; q < cin_quads; ++q)
-              ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0,
-                           piece.end - piece.begin, rows + (t * cin_quads + q) * chunks.ld + piece.begin);
+              ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0, len,
+                           rows + (t * cin_quads + q) * chunks.ld + (g - g0));
           }
+        pieces.push_back({g - g0, g - g0 + len, scales[b], out + (b * N * out_pixels + p0)});
+        g += len;
       }
       multiply(reinterpret_cast<const int8_t*>(rows), pieces.data(), static_cast<int64_t>(pieces.size()));
     }
