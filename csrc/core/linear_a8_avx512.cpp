@@ -270,14 +270,15 @@ namespace {
 // The planar product's tile: kPlanarMr output channels x 32 pixels (two vectors), 16 accumulators.
 constexpr int kPlanarMr = 8;
 
-// sums[r][h] = corrections[r] + sum over the quads of K of u * w for channel r of the block at `a` and pixels
-// 16h .. 16h + 15 (h < NV) from `b` (quads x_step bytes apart), u = code + 128. NV = 1 for a last block of at most
-// 16 pixels. Not inlined: inlined into planar_a8, GCC 12 kept the accumulators on the stack (a load and a store
+// sums[r * ld_sums + 16h + i] = corrections[r] + sum over the quads of K of u * w for channel r of the block at
+// `a` and pixel 16h + i (h < NV, i < 16) from `b` (quads x_step bytes apart), u = code + 128. NV = 1 for a last
+// block of at most 16 pixels. Not inlined: inlined into planar_a8, GCC 12 kept the accumulators on the stack (a load and a store
 // per vpdpbusd, 2x the time). Overflow: after any prefix of K an accumulator holds sum_prefix code * w - 128 *
 // sum_rest w, at most 128 * 128 * K in magnitude = 2^30 for the largest planar K (65536).
 template <int NV>
 __attribute__((noinline)) void planar_tile(const int8_t* a, int64_t ld_w, const int8_t* b, int64_t x_step,
-                                          int64_t quads, const int32_t* corrections, int32_t (*sums)[2][kLanes]) {
+                                          int64_t quads, const int32_t* corrections, int32_t* sums,
+                                          int64_t ld_sums) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i acc[kPlanarMr][NV];
 #pragma GCC unroll 8
@@ -296,7 +297,7 @@ __attribute__((noinline)) void planar_tile(const int8_t* a, int64_t ld_w, const 
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kPlanarMr; ++r)
-    for (int h = 0; h < NV; ++h) _mm512_store_si512(sums[r][h], acc[r][h]);
+    for (int h = 0; h < NV; ++h) _mm512_store_si512(sums + r * ld_sums + kLanes * h, acc[r][h]);
 }
 
 }  // namespace
@@ -315,36 +316,40 @@ void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64
 
 // The activations' words are the vector operand: flipped to u = code + 128 as they are loaded, each against a
 // broadcast step of one weight row, so C comes out as output channels x pixels, plane rows of the NCHW output.
+// A channel block's sums are kept for the whole chunk, then each piece's rows stored whole: output planes rarely
+// start on a cache line (196 pixels: one in four), and only a row's aligned middle can go around the caches.
 void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int32_t* corrections, const int8_t* x,
                int64_t ld_x, const PlanarPiece* pieces, int64_t count, const float* bias, int64_t ld_out,
                bool stream) {
   if (count <= 0) return;
   const int64_t p_begin = pieces[0].begin, p_end = pieces[count - 1].end;
   const int64_t quads = ld_w / 4, x_step = ld_x * 4;  // bytes from one quad of K to the next
-  const PlanarPiece* const last = pieces + count;
+  const int64_t ld_sums = a8::round_up(p_end - p_begin, 2 * kLanes);
+  thread_local a8::Scratch<int32_t> sums_buf;
+  int32_t* const sums = sums_buf.get(kPlanarMr * ld_sums);
   // Channel blocks outside, as in amx::planar_a8 (pixel blocks outside measured 1-3 % slower on Zen 4).
   for (int64_t n0 = 0; n0 < w.n; n0 += kPlanarMr) {
-    const PlanarPiece* first = pieces;  // the first piece that ends past the block
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2 * kLanes) {
-      alignas(64) int32_t sums[kPlanarMr][2][kLanes];
+      int32_t* const tile_sums = sums + (p0 - p_begin);
       if (p_end - p0 > kLanes)
-        planar_tile<2>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, sums);
+        planar_tile<2>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, tile_sums, ld_sums);
       else
-        planar_tile<1>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, sums);
-      while (first->end <= p0) ++first;
-      const int64_t block_end = std::min(p0 + 2 * kLanes, p_end);
-      for (int r = 0; r < kPlanarMr && n0 + r < w.n; ++r) {
-        const int64_t n = n0 + r;
-        const __m512 ws = _mm512_set1_ps(w.scale[n]), bn = _mm512_set1_ps(bias ? bias[n] : 0.0f);
-        for (const PlanarPiece* piece = first; piece < last && piece->begin < block_end; ++piece) {
-          const __m512 xs = _mm512_set1_ps(piece->x_scale);
-          const bool finite = std::isfinite(piece->x_scale);
-          const int64_t end = std::min(piece->end, block_end);
-          for (int64_t c = std::max(piece->begin, p0); c < end; c += kLanes)
-            simd512::store_planar(&sums[r][0][0] + (c - p0), ws, xs, finite, bn,
-                                  piece->out + n * ld_out + (c - piece->begin), std::min<int64_t>(kLanes, end - c),
-                                  stream);
-        }
+        planar_tile<1>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, tile_sums, ld_sums);
+    }
+    for (int r = 0; r < kPlanarMr && n0 + r < w.n; ++r) {
+      const int64_t n = n0 + r;
+      const __m512 ws = _mm512_set1_ps(w.scale[n]), bn = _mm512_set1_ps(bias ? bias[n] : 0.0f);
+      for (const PlanarPiece* piece = pieces; piece < pieces + count; ++piece) {
+        const __m512 xs = _mm512_set1_ps(piece->x_scale);
+        const bool finite = std::isfinite(piece->x_scale);
+        const int32_t* src = sums + r * ld_sums + (piece->begin - p_begin);
+        float* dst = piece->out + n * ld_out;
+        const int64_t len = piece->end - piece->begin;
+        // Up to the first cache line boundary (floats are 4-byte aligned), then whole vectors.
+        int64_t c = stream ? std::min<int64_t>(len, (64 - (reinterpret_cast<uintptr_t>(dst) & 63)) % 64 / 4) : 0;
+        if (c > 0) simd512::store_planar(src, ws, xs, finite, bn, dst, c, false);
+        for (; c < len; c += kLanes)
+          simd512::store_planar(src + c, ws, xs, finite, bn, dst + c, std::min<int64_t>(kLanes, len - c), stream);
       }
     }
   }

@@ -277,6 +277,9 @@ const Case kCases[] = {
     // Small images on AVX-512 VNNI: planar chunks run across images (the case above the 5x3 packs 42-pixel ones).
     {3, 9, 11, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // 7x7 images, 3x3: 49 pixels each
     {5, 20, 13, 5, 5, 1, 1, 1, 1, 0, 0, 1, 1, 1},     // 1x1 over 25-pixel images: images start mid-vector
+    // Outputs of 4 MB and more go around the caches where a plane row reaches a cache line boundary.
+    {2, 6, 37, 117, 123, 1, 1, 1, 1, 0, 0, 1, 1, 1},  // 1x1, 14391-pixel planes: rows start anywhere in a line
+    {60, 3, 363, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 1},    // 3x3 over packed 7x7 images
 };
 
 }  // namespace
