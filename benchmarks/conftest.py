@@ -20,6 +20,12 @@ outside the timed region). Two calls (lazy initialisation, then one timed to siz
 as fit in ``--benchmark-max-time`` (default 1 s), at least ``--benchmark-min-rounds`` (default 5), at most
 ``MAX_ROUNDS``. The report uses the median.
 
+Allocator: glibc's malloc maps each allocation above its mmap threshold afresh (page faults on every first
+write) and raises that threshold whenever such a block is freed, so a layer's 6 MB output cost 1568 page
+faults per call or none depending on which benchmark had run before it (the first batch-8 layer of a run:
+1.5-11 ms a call against 1.9). The run fixes the thresholds at the values they reach in a process that has
+run a while (mmap above 32 MiB, trim above 64 MiB), the same for every implementation.
+
 ``extra_info``: ``impl`` (what ran), ``ours``, ``GFLOP/s``, ``GB/s`` (weight bytes read per second),
 ``weight_bytes``, ``floor_s`` (weight bytes / the streaming bandwidth measured in this run: the time no kernel
 reading those weights from memory can beat), ``floor_ratio`` (median / floor_s), ``cache``, and ``targets``
@@ -31,6 +37,7 @@ With ``--benchmark-disable`` (CI) each benchmark builds one weight copy and call
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import math
@@ -122,8 +129,19 @@ def memory_bandwidth(request) -> Optional[float]:
         return None
     nbytes = min(max(2 * l3_bytes(), GiB // 4), ROTATION_BYTES)
     bandwidth = measure_bandwidth(nbytes, BANDWIDTH_PASSES)
-    _run_facts.update(bandwidth_GBps=bandwidth / 1e9, bandwidth_buffer_bytes=nbytes)
+    _run_facts.update(bandwidth_GBps=bandwidth / 1e9, bandwidth_buffer_bytes=nbytes,
+                      allocator_settled=settle_allocator())
     return bandwidth
+
+
+def settle_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds (see the module docstring); False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

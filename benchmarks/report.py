@@ -89,6 +89,11 @@ def header(run: Run) -> list:
             f"- Weights rotated over distinct copies totalling {f['rotation_bytes'] / 2**30:.1f} GiB "
             f"(L3 {f.get('l3_bytes', 0) / 2**20:.0f} MiB), so each call reads its weights from memory."
         )
+    if "allocator_settled" in f:
+        lines.append(
+            "- Allocator: glibc's mmap and trim thresholds fixed at 32 and 64 MiB for every implementation"
+            if f["allocator_settled"] else "- Allocator: thresholds not fixed (not glibc): outputs may page-fault"
+        )
     spreads = [b["stats"]["iqr"] / b["stats"]["median"] for b in run.benchmarks if b["stats"]["median"] > 0]
     if spreads:
         lines.append(
