@@ -272,9 +272,9 @@ constexpr int kPlanarMr = 8;
 
 // sums[r * ld_sums + 16h + i] = corrections[r] + sum over the quads of K of u * w for channel r of the block at
 // `a` and pixel 16h + i (h < NV, i < 16) from `b` (quads x_step bytes apart), u = code + 128. NV = 1 for a last
-// block of at most 16 pixels. Not inlined: inlined into planar_a8, GCC 12 kept the accumulators on the stack (a load and a store
-// per vpdpbusd, 2x the time). Overflow: after any prefix of K an accumulator holds sum_prefix code * w - 128 *
-// sum_rest w, at most 128 * 128 * K in magnitude = 2^30 for the largest planar K (65536).
+// block of at most 16 pixels. Not inlined: inlined into planar_a8, GCC 12 kept the accumulators on the stack (a
+// load and a store per vpdpbusd, 2x the time). Overflow: after any prefix of K an accumulator holds sum_prefix
+// code * w - 128 * sum_rest w, at most 128 * 128 * K in magnitude = 2^30 for the largest planar K (65536).
 template <int NV>
 __attribute__((noinline)) void planar_tile(const int8_t* a, int64_t ld_w, const int8_t* b, int64_t x_step,
                                           int64_t quads, const int32_t* corrections, int32_t* sums,
