@@ -28,7 +28,8 @@ CASES = {
     # name: (batch, cin, cout, (h, w), kernel, stride, padding, dilation, groups)
     "3x3": (1, 3, 8, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     "1x1": (2, 13, 19, (6, 7), (1, 1), (1, 1), (0, 0), (1, 1), 1),
-    "1x1_stride2": (2, 16, 24, (9, 9), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    "1x1_stride2": (2, 16, 24, (9, 9), (1, 1), (2, 2), (0, 0), (1, 1), 1),  # planar over the pixels read
+    "1x1_stride3x2": (2, 12, 10, (10, 41), (1, 1), (3, 2), (0, 0), (1, 1), 1),  # rows past two vectors
     "5x5": (1, 5, 7, (12, 13), (5, 5), (1, 2), (2, 1), (1, 1), 1),
     "7x7_stride2": (1, 3, 16, (17, 16), (7, 7), (2, 2), (3, 3), (1, 1), 1),
     "stride2_dilation2": (1, 6, 9, (11, 12), (3, 3), (2, 2), (2, 2), (2, 2), 1),
@@ -192,9 +193,10 @@ def test_prepared_weights_live_with_their_tensors(rng):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "3x1_groups2", "7x7_images"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "3x1_groups2", "7x7_images", "1x1_stride2"])
 def test_non_finite_image(isa, name, value, rng):
-    """Dynamic activations: an image holding NaN or Inf is NaN throughout; the other images are unaffected."""
+    """Dynamic activations: an image holding NaN or Inf is NaN throughout (also where a strided conv does not read
+    that pixel: (2, 3) at stride 2); the other images are unaffected."""
     case = list(CASES[name])
     case[0] = 2
     x, qw, bias, geometry = make_problem(tuple(case), 8, None, True, rng, bias=True)

@@ -50,7 +50,7 @@ constexpr int64_t kMinAbsmaxPiece = 16384;
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
-  prepared_weight, reordered_rows, activations, shared_rows, shared_y, shared_scales,  // the calling thread's
+  prepared_weight, reordered_rows, activations, subsampled, shared_rows, shared_y, shared_scales,  // the caller's
   weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,  // every worker's
   count
 };
@@ -115,12 +115,14 @@ std::vector<float> image_scales(const ConvKernels& ck, const float* x, int64_t b
 }
 
 // Runs consume(b, scale, u0, u1) over units [u0, u1) of the work on image b, every unit of every image once, and
-// returns the images' scales: 1 for weight-only, else image_scales'. With dynamic activations and at least one
-// image per thread, a thread takes the absmax of an image and consumes it at once, while the image is in its cache.
+// returns the images' scales: 1 for weight-only, else image_scales' (or given_scales where the caller has them).
+// With dynamic activations and at least one image per thread, a thread takes the absmax of an image and consumes
+// it at once, while the image is in its cache.
 template <typename Consume>
 std::vector<float> for_each_image(const ConvKernels& ck, const float* x, int64_t batch, int64_t image_size,
-                                  int64_t units, bool quantize_input, const Parallel& par, const Consume& consume) {
-  if (quantize_input && batch >= par.num_threads) {
+                                  int64_t units, bool quantize_input, const Parallel& par, const Consume& consume,
+                                  const float* given_scales = nullptr) {
+  if (quantize_input && given_scales == nullptr && batch >= par.num_threads) {
     std::vector<float> scales(batch);
     run_for(par, batch, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -130,8 +132,9 @@ std::vector<float> for_each_image(const ConvKernels& ck, const float* x, int64_t
     });
     return scales;
   }
-  std::vector<float> scales = quantize_input ? image_scales(ck, x, batch, image_size, par)
-                                             : std::vector<float>(batch, 1.0f);
+  std::vector<float> scales = !quantize_input       ? std::vector<float>(batch, 1.0f)
+                             : given_scales != nullptr ? std::vector<float>(given_scales, given_scales + batch)
+                                                       : image_scales(ck, x, batch, image_size, par);
   run_for(par, batch * units, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {  // one call per image the range touches
       const int64_t b = i / units, end = std::min(i1, (b + 1) * units);
@@ -504,7 +507,7 @@ struct PlanarChunks {
 // each image quantized into quad planes first, then each chunk's B rows gathered tap by tap from them
 // (ConvKernels::tap_quads).
 void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
-                 const float* bias, float* out, const Parallel& par) {
+                 const float* bias, float* out, const Parallel& par, const float* scales_in = nullptr) {
   const int64_t C = s.in_channels, N = s.out_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
@@ -535,7 +538,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
         quantize_quads_or_zero(ck, x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
         multiply(codes, &piece, 1);
       }
-    });
+    }, scales_in);
     return;
   }
   const int64_t cin_quads = round_up(C, 4) / 4, ld_plane = round_up(pixels, 16);
@@ -544,7 +547,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
       for_each_image(ck, x, s.batch, image, cin_quads, true, par, [&](int64_t b, float scale, int64_t q0, int64_t q1) {
         quantize_quads_or_zero(ck, x + b * image, C, pixels, pixels, scale, planes + b * cin_quads * ld_plane * 4,
                                ld_plane, q0, q1);
-      });
+      }, scales_in);
   run_for(par, chunks.count, [&](int64_t i0, int64_t i1) {
     int32_t* rows = scratch<int32_t>(Scratch::planar_codes, quads * chunks.ld);
     // K past the taps: zero codes (the weight is zero there too; this keeps the bytes defined).
@@ -624,7 +627,9 @@ struct PreparedPlan {
 }  // namespace
 
 bool conv_runs_planar(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
-  return quantize_input && layout == Layout::nchw && s.stride_h == 1 && s.stride_w == 1 && s.groups == 1 &&
+  const bool unpadded_1x1 = s.kernel_h == 1 && s.kernel_w == 1 && s.pad_h == 0 && s.pad_w == 0;
+  return quantize_input && layout == Layout::nchw && ((s.stride_h == 1 && s.stride_w == 1) || unpadded_1x1) &&
+         s.groups == 1 &&
          !s.depthwise() && ((isa == Isa::amx && amx_usable()) || isa == Isa::avx512) && w.n_groups() == 1 &&
          amx::planar_row_bytes(w, s.taps()) <= kPlanarMaxK;
 }
@@ -697,8 +702,26 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
-  if (pw.planar) {
+  if (pw.planar && s.stride_h == 1 && s.stride_w == 1) {
     planar_conv(isa, ck, s, x, pw, bias, out, par);
+    return;
+  }
+  if (pw.planar) {
+    // An unpadded strided 1x1 conv is the stride-1 conv of the pixels it reads, with the whole images' scales
+    // (every pixel counts towards an image's absmax, as in the reference).
+    const std::vector<float> scales = image_scales(ck, x, s.batch, image, par);
+    Conv2dShape picked = s;
+    picked.height = s.out_height();
+    picked.width = s.out_width();
+    picked.stride_h = picked.stride_w = 1;
+    const int64_t picked_pixels = picked.height * picked.width;
+    float* xs = scratch<float>(Scratch::subsampled, s.batch * C * picked_pixels);
+    run_for(par, s.batch * C, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        ck.subsample(x + i * pixels, s.width, s.stride_h, s.stride_w, picked.height, picked.width,
+                     xs + i * picked_pixels);
+    });
+    planar_conv(isa, ck, picked, xs, pw, bias, out, par, scales.data());
     return;
   }
   if (quantize_input) {

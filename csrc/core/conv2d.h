@@ -5,7 +5,8 @@
 //   stride 1, one group, int8 activations in NCHW, on AMX or AVX-512 VNNI: the planar product (amx::planar_a8,
 //     avx512::planar_a8: output channels x pixels, the activations quantized in quads of channels, each tap's B
 //     rows a shifted copy of those planes), so neither input nor output is transposed; on VNNI small images'
-//     pixels share chunks, so that 7x7 images do not leave a quarter of the lanes idle;
+//     pixels share chunks, so that 7x7 images do not leave a quarter of the lanes idle; an unpadded strided 1x1
+//     conv likewise, on the pixels it reads (ConvKernels::subsample) with the whole images' scales;
 //   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
@@ -68,8 +69,9 @@ struct PreparedConvWeight {
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
-// Whether the conv runs planar: stride 1, one group (not depthwise), NCHW, int8 activations, on usable AMX or
-// on AVX-512 (VNNI), with one scale group per output channel (amx::planar_a8). Any kernel, padding and dilation.
+// Whether the conv runs planar: stride 1 (any kernel, padding and dilation) or an unpadded 1x1 (any stride), one
+// group (not depthwise), NCHW, int8 activations, on usable AMX or on AVX-512 (VNNI), with one scale group per
+// output channel (amx::planar_a8).
 bool conv_runs_planar(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout, bool quantize_input);
 // Bytes of memory prepare_conv_weight needs (0: it only points at w). Only the shape's kernel, stride, padding and
 // groups matter, not its batch or image size.
@@ -136,6 +138,10 @@ struct ConvKernels {
   // falls outside the height x width plane src. The planar product's B rows for a conv with taps.
   void (*tap_quads)(const int32_t* src, int64_t height, int64_t width, int64_t out_width, int64_t dy, int64_t dx,
                     int64_t p0, int64_t len, int32_t* dst);
+  // dst[oh * out_w + ow] = src[oh * stride_h * width + ow * stride_w]: the pixels of a plane [.][width] that an
+  // unpadded 1x1 conv with these strides reads.
+  void (*subsample)(const float* src, int64_t width, int64_t stride_h, int64_t stride_w, int64_t out_h,
+                    int64_t out_w, float* dst);
   // dst[t * cin + ci] = src[ci * taps + t]: one weight row's K from (cin, kh, kw) to (kh, kw, cin) order.
   void (*reorder_taps)(const uint8_t* src, int64_t cin, int64_t taps, uint8_t* dst);
   // Stages the plane src [in_h][in_w] into p.staged (as codes, quantize_f32 by `scale`, when quantize; zeros for

@@ -81,6 +81,20 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
     for (float v : {1e-45f, -1e-45f, 1e-39f, 0.0f}) x.push_back(v);
     check_quantizers(ck, x, scale);
   }
+  // Subsampled planes: rows one vector wide and past two (the stride-2 vector path), uneven strides.
+  for (int64_t width : {1, 5, 16, 33, 70})
+    for (auto [sh, sw] : {std::pair<int64_t, int64_t>{1, 1}, {2, 2}, {2, 3}, {3, 1}, {1, 2}}) {
+      const int64_t height = 7, out_h = (height - 1) / sh + 1, out_w = (width - 1) / sw + 1;
+      std::vector<float> src(height * width), dst(out_h * out_w + 1, kNaN);
+      for (auto& v : src) v = normal(rng);
+      ck.subsample(src.data(), width, sh, sw, out_h, out_w, dst.data());
+      for (int64_t oh = 0; oh < out_h; ++oh)
+        for (int64_t ow = 0; ow < out_w; ++ow)
+          CHECK(dst[oh * out_w + ow] == src[oh * sh * width + ow * sw],
+                "%s subsample width=%ld stride=%ld,%ld at %ld,%ld", ck.name, (long)width, (long)sh, (long)sw,
+                (long)oh, (long)ow);
+      CHECK(std::isnan(dst.back()), "%s subsample wrote past its output", ck.name);
+    }
   // Quads: word (q, p) holds the codes of channels 4q..4q+3 at pixel p, zero past the channels and the pixels;
   // inputs on the rounding ties as above.
   for (int64_t channels : {1, 4, 6, 9})
@@ -277,6 +291,9 @@ const Case kCases[] = {
     // Small images on AVX-512 VNNI: planar chunks run across images (the case above the 5x3 packs 42-pixel ones).
     {3, 9, 11, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 1},      // 7x7 images, 3x3: 49 pixels each
     {5, 20, 13, 5, 5, 1, 1, 1, 1, 0, 0, 1, 1, 1},     // 1x1 over 25-pixel images: images start mid-vector
+    // Unpadded strided 1x1 with int8 activations: planar over the pixels read, scaled by the whole image.
+    {2, 20, 13, 11, 40, 1, 1, 2, 2, 0, 0, 1, 1, 1},   // stride 2 over 40-wide rows (NaN test: an unread pixel)
+    {3, 7, 9, 10, 9, 1, 1, 3, 2, 0, 0, 1, 1, 1},      // uneven strides
     // Outputs of 4 MB and more go around the caches where a plane row reaches a cache line boundary.
     {2, 6, 37, 117, 123, 1, 1, 1, 1, 0, 0, 1, 1, 1},  // 1x1, 14391-pixel planes: rows start anywhere in a line
     {60, 3, 363, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 1},    // 3x3 over packed 7x7 images
@@ -308,6 +325,7 @@ int main() {
       check_conv(isa, rng, kCases[2], 8, true, 0, quantize_input, true, true);
       check_conv(isa, rng, kCases[8], 4, false, 32, quantize_input, false, true);
       check_conv(isa, rng, kCases[19], 8, true, 0, quantize_input, true, true);  // packed: image 1 stays finite
+      check_conv(isa, rng, kCases[25], 8, true, 0, quantize_input, true, true);  // NaN in a pixel stride 2 skips
     }
     std::printf("%s: checked\n", qk::isa_name(isa));
   }
