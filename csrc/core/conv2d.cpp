@@ -574,6 +574,26 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
   });
 }
 
+// An unpadded strided 1x1 conv is the stride-1 conv of the pixels it reads, with the whole images' scales (every
+// pixel counts towards an image's absmax, as in the reference).
+void planar_strided_1x1(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const float* x,
+                        const PreparedConvWeight& pw, const float* bias, float* out, const Parallel& par) {
+  const int64_t C = s.in_channels, pixels = s.height * s.width;
+  const std::vector<float> scales = image_scales(ck, x, s.batch, C * pixels, par);
+  Conv2dShape picked = s;
+  picked.height = s.out_height();
+  picked.width = s.out_width();
+  picked.stride_h = picked.stride_w = 1;
+  const int64_t picked_pixels = picked.height * picked.width;
+  float* xs = scratch<float>(Scratch::subsampled, s.batch * C * picked_pixels);
+  run_for(par, s.batch * C, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      ck.subsample(x + i * pixels, s.width, s.stride_h, s.stride_w, picked.height, picked.width,
+                   xs + i * picked_pixels);
+  });
+  planar_conv(isa, ck, picked, xs, pw, bias, out, par, scales.data());
+}
+
 }  // namespace
 
 const ConvKernels& conv_kernels(Isa isa) {
@@ -702,26 +722,11 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
   const int64_t C = s.in_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t blocks = (pixels + kPixelBlock - 1) / kPixelBlock;
 
-  if (pw.planar && s.stride_h == 1 && s.stride_w == 1) {
-    planar_conv(isa, ck, s, x, pw, bias, out, par);
-    return;
-  }
   if (pw.planar) {
-    // An unpadded strided 1x1 conv is the stride-1 conv of the pixels it reads, with the whole images' scales
-    // (every pixel counts towards an image's absmax, as in the reference).
-    const std::vector<float> scales = image_scales(ck, x, s.batch, image, par);
-    Conv2dShape picked = s;
-    picked.height = s.out_height();
-    picked.width = s.out_width();
-    picked.stride_h = picked.stride_w = 1;
-    const int64_t picked_pixels = picked.height * picked.width;
-    float* xs = scratch<float>(Scratch::subsampled, s.batch * C * picked_pixels);
-    run_for(par, s.batch * C, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        ck.subsample(x + i * pixels, s.width, s.stride_h, s.stride_w, picked.height, picked.width,
-                     xs + i * picked_pixels);
-    });
-    planar_conv(isa, ck, picked, xs, pw, bias, out, par, scales.data());
+    if (s.stride_h == 1 && s.stride_w == 1)
+      planar_conv(isa, ck, s, x, pw, bias, out, par);
+    else
+      planar_strided_1x1(isa, ck, s, x, pw, bias, out, par);
     return;
   }
   if (quantize_input) {
