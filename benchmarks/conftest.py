@@ -129,8 +129,7 @@ def memory_bandwidth(request) -> Optional[float]:
         return None
     nbytes = min(max(2 * l3_bytes(), GiB // 4), ROTATION_BYTES)
     bandwidth = measure_bandwidth(nbytes, BANDWIDTH_PASSES)
-    _run_facts.update(bandwidth_GBps=bandwidth / 1e9, bandwidth_buffer_bytes=nbytes,
-                      allocator_settled=settle_allocator())
+    _run_facts.update(bandwidth_GBps=bandwidth / 1e9, bandwidth_buffer_bytes=nbytes)
     return bandwidth
 
 
@@ -142,6 +141,13 @@ def settle_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 64 << 20))
     except (OSError, AttributeError):
         return False
+
+
+@pytest.fixture(scope="session")
+def settled_allocator(request) -> None:
+    """Settles the allocator once per timed run, before any benchmark is timed."""
+    if not request.config.getoption("benchmark_disable"):
+        _run_facts.update(allocator_settled=settle_allocator())
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -303,7 +309,7 @@ class Bench:
 
 
 @pytest.fixture
-def bench(benchmark, weight_copies, memory_bandwidth, request):
+def bench(benchmark, weight_copies, memory_bandwidth, settled_allocator, request):
     return Bench(benchmark, weight_copies, memory_bandwidth, request.config)
 
 
