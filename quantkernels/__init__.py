@@ -18,7 +18,7 @@ from .accuracy import (
 )
 from .config import QuantConfig
 from .formats import FORMAT_VERSION, GROUP_SIZES, QuantizedWeight, quantize_weight
-from .nn import load_quantized, plan_swap, save_quantized, swap_to_quantized
+from .nn import fold_batchnorm, load_quantized, plan_swap, save_quantized, swap_to_quantized
 from .ops import active_isa, conv2d, linear, set_isa, supported_isas
 
 
@@ -40,6 +40,7 @@ __all__ = [
     "quantize_weight",
     "QuantConfig",
     "swap_to_quantized",
+    "fold_batchnorm",
     "plan_swap",
     "save_quantized",
     "load_quantized",

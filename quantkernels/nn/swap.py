@@ -54,6 +54,7 @@ class SwapReport:
     layers: Tuple[LayerReport, ...]
     model_bytes_before: int  # all parameters and buffers (shared tensors once)
     model_bytes_after: int
+    folded: Tuple[Tuple[str, str], ...] = ()  # (conv, BatchNorm2d) pairs folded (fold_batchnorm=True)
 
     @property
     def swapped(self) -> List[LayerReport]:
@@ -78,6 +79,9 @@ class SwapReport:
             f"{_megabytes(self.model_bytes_before)} -> {_megabytes(self.model_bytes_after)} (swapped layers "
             f"{_megabytes(self.bytes_before)} -> {_megabytes(self.bytes_after)})"
         ]
+        if self.folded:
+            lines.append(f"folded {len(self.folded)} BatchNorm2d into the Conv2d before them: "
+                         + ", ".join(f"{bn} -> {conv}" for conv, bn in self.folded))
         rows = [("layer", "type", "format", "before", "after", "SQNR dB", "note")]
         for layer in self.layers:
             rows.append((
@@ -142,6 +146,7 @@ def swap_to_quantized(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     progress: Optional[bool] = None,
     weights: Optional[Mapping[str, QuantizedWeight]] = None,
+    fold_batchnorm: bool = False,
 ) -> nn.Module:
     """Replaces ``model``'s ``nn.Linear`` and ``nn.Conv2d`` layers by :class:`QuantizedLinear` /
     :class:`QuantizedConv2d`, in place, one layer at a time, and returns the model.
@@ -155,6 +160,8 @@ def swap_to_quantized(
     weights: layer name -> a :class:`QuantizedWeight` rounded elsewhere (GPTQ, QAT, ...; see
         ``quantkernels.accuracy``) to install instead of rounding to nearest; it must be in the format the layer
         is swapped with (:func:`plan_swap` tells which), and every named layer must be swapped.
+    fold_batchnorm: first fold each ``nn.BatchNorm2d`` into the conv that feeds it (:func:`fold_batchnorm`; the
+        model must be in eval mode): the quantized model then skips them. For inference; no accuracy is lost.
 
     Never swapped, each listed in the report with its reason: layers inside ``nn.MultiheadAttention`` (it reads
     ``out_proj.weight`` directly instead of calling the layer), weights shared by several modules (tied
@@ -169,7 +176,20 @@ def swap_to_quantized(
     unswapped = sorted(set(weights) - {name for name, (_, layer_config) in plan.items() if layer_config is not None})
     if unswapped:
         raise ValueError(f"weights: got weights for {unswapped}, expected only layers that are swapped (see plan_swap)")
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm: got {type(fold_batchnorm).__name__}, expected a bool")
+    folded = []
+    if fold_batchnorm:
+        from .fold import conv_batchnorm_pairs, fold_pairs  # fold.py builds on this module
+
+        folded = conv_batchnorm_pairs(model)
+        rounded = sorted({conv for conv, _ in folded} & set(weights))
+        if rounded:
+            raise ValueError(f"weights: got weights for {rounded}, which fold_batchnorm=True changes by folding a "
+                             f"BatchNorm2d into them; fold first (quantkernels.fold_batchnorm), then round")
     model_bytes_before = model_nbytes(model)
+    if folded:
+        fold_pairs(model, folded)
     # Only names are kept across the loop: holding the float modules would keep their weights alive.
     slots = module_slots(model)
     show = len(plan) >= PROGRESS_MIN_LAYERS if progress is None else bool(progress)
@@ -199,7 +219,7 @@ def swap_to_quantized(
     for pattern in skip + list(layer_configs):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             warnings.warn(f"swap_to_quantized: pattern {pattern!r} matched no Linear or Conv2d layer", stacklevel=2)
-    model.quantization_report = SwapReport(tuple(layers), model_bytes_before, model_nbytes(model))
+    model.quantization_report = SwapReport(tuple(layers), model_bytes_before, model_nbytes(model), tuple(folded))
     return model
 
 
@@ -237,7 +257,7 @@ def _plan(model, config, *, bits, group_size, symmetric, activations, skip, laye
             raise TypeError(f"layer_configs[{pattern!r}]: got {type(value).__name__}, expected a QuantConfig or None")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: got {type(filter_fn).__name__}, expected a callable (module, name) -> bool")
-    shared_with = _shared_weight_owners(model)
+    shared_with = shared_weight_owners(model)
     inside_attention = {f"{name}.{attr}".lstrip(".") for name, m in model.named_modules()
                         if isinstance(m, nn.MultiheadAttention) for attr in m._modules}
     plan = {}
@@ -260,7 +280,7 @@ def _default_config(config, **fields) -> QuantConfig:
     return QuantConfig(**given)
 
 
-def _shared_weight_owners(model: nn.Module) -> Dict[str, List[str]]:
+def shared_weight_owners(model: nn.Module) -> Dict[str, List[str]]:
     """Module name -> the other modules holding the same weight Parameter (tied weights)."""
     owners: Dict[int, List[str]] = {}
     for name, module in model.named_modules():
