@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantConfig
+from ..nn.fold import fold_before_rounding
 from ..nn.swap import module_slots, plan_swap, replace_module, swap_to_quantized
 from .fake_quant import fake_quantize_input, fake_quantize_weight
 
@@ -76,9 +77,11 @@ def prepare_qat(model: nn.Module, config: Optional[QuantConfig] = None, **swap_k
     its QAT version in the format it would get; returns the model.
 
     Takes exactly ``swap_to_quantized``'s arguments (``bits=``, ``group_size=``, ``skip=``, ``layer_configs=``,
-    ``filter_fn=``, ...), so the layers trained with fake quantization are the ones that will be converted.
+    ``filter_fn=``, ...), so the layers trained with fake quantization are the ones that will be converted;
+    ``fold_batchnorm=True`` folds now (the model in eval mode), so training sees the folded convs.
     The float parameters are kept (shared, not copied): train with any optimizer, then :func:`convert_qat`.
     """
+    fold_before_rounding(model, swap_kwargs)
     plan = plan_swap(model, config, **swap_kwargs)
     slots = module_slots(model)
     for name, layer_config in plan.items():

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..formats import QuantizedWeight
+from ..nn.fold import fold_before_rounding
 from ..nn.swap import plan_swap, swap_to_quantized
 from . import calibration
 from .rounding import CLIP_GRID, GPTQ_DAMP, GPTQSolver, search_scales
@@ -79,8 +80,10 @@ def quantize_model(
     (GPTQ by default) on calibration ``batches`` instead of to nearest; in place, returns the model.
 
     ``swap_kwargs`` are ``swap_to_quantized``'s (``bits=``, ``group_size=``, ``skip=``, ``layer_configs=``,
-    ...); ``run_fn(model, batch)`` feeds a batch (default ``model(*batch)`` for a tuple, else ``model(batch)``).
+    ...; ``fold_batchnorm=True`` folds before rounding); ``run_fn(model, batch)`` feeds a batch (default
+    ``model(*batch)`` for a tuple, else ``model(batch)``).
     """
+    fold_before_rounding(model, swap_kwargs)
     plan = plan_swap(model, config, **swap_kwargs)
     modules = {name: model.get_submodule(name) for name, c in plan.items() if c is not None}
     rounder = WeightRounder(model, batches, modules, method=method, run_fn=run_fn, damp=damp, act_order=act_order,

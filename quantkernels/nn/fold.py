@@ -53,6 +53,16 @@ def fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]]) -> None:
             replace_module(model, slots[bn_name], FoldedBatchNorm2d(conv_name))
 
 
+def fold_before_rounding(model: nn.Module, swap_kwargs: dict) -> None:
+    """For the tools that take swap_to_quantized's arguments and round the weights before it runs (GPTQ, QAT):
+    takes ``fold_batchnorm`` out of ``swap_kwargs`` and folds now, so that the weights rounded are the folded ones."""
+    fold = swap_kwargs.pop("fold_batchnorm", False)
+    if not isinstance(fold, bool):
+        raise TypeError(f"fold_batchnorm: got {type(fold).__name__}, expected a bool")
+    if fold:
+        fold_batchnorm(model)
+
+
 def folded_batchnorms(model: nn.Module) -> Dict[str, str]:
     """BatchNorm name -> the conv it was folded into, for each :class:`FoldedBatchNorm2d` in ``model``."""
     return {name: m.conv for name, m in model.named_modules() if isinstance(m, FoldedBatchNorm2d)}

@@ -54,7 +54,7 @@ class SwapReport:
     layers: Tuple[LayerReport, ...]
     model_bytes_before: int  # all parameters and buffers (shared tensors once)
     model_bytes_after: int
-    folded: Tuple[Tuple[str, str], ...] = ()  # (conv, BatchNorm2d) pairs folded (fold_batchnorm=True)
+    folded: Tuple[Tuple[str, str], ...] = ()  # (conv, BatchNorm2d) pairs folded, by fold_batchnorm=True or before
 
     @property
     def swapped(self) -> List[LayerReport]:
@@ -80,8 +80,8 @@ class SwapReport:
             f"{_megabytes(self.bytes_before)} -> {_megabytes(self.bytes_after)})"
         ]
         if self.folded:
-            lines.append(f"folded {len(self.folded)} BatchNorm2d into the Conv2d before them: "
-                         + ", ".join(f"{bn} -> {conv}" for conv, bn in self.folded))
+            lines[0] += f"; {len(self.folded)} BatchNorm2d folded into their convs"
+        folded_into = {conv: bn for conv, bn in self.folded}
         rows = [("layer", "type", "format", "before", "after", "SQNR dB", "note")]
         for layer in self.layers:
             rows.append((
@@ -91,7 +91,8 @@ class SwapReport:
                 _kilobytes(layer.bytes_before),
                 _kilobytes(layer.bytes_after),
                 f"{layer.sqnr_db:.1f}" if layer.sqnr_db is not None else "-",
-                f"skipped: {layer.skip_reason}" if layer.skip_reason else "",
+                f"skipped: {layer.skip_reason}" if layer.skip_reason
+                else f"{folded_into[layer.name]} folded in" if layer.name in folded_into else "",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
@@ -169,6 +170,8 @@ def swap_to_quantized(
     cannot be quantized (dtype, NaN/Inf, meta device) and layers whose stored format would not be smaller than
     the float weight (tiny K with a large group). The :class:`SwapReport` is set as ``model.quantization_report``.
     """
+    from .fold import conv_batchnorm_pairs, fold_pairs, folded_batchnorms  # fold.py builds on this module
+
     weights = dict(weights or {})
     plan, skip, layer_configs = _plan(model, config, bits=bits, group_size=group_size, symmetric=symmetric,
                                       activations=activations, skip=skip, layer_configs=layer_configs,
@@ -178,18 +181,14 @@ def swap_to_quantized(
         raise ValueError(f"weights: got weights for {unswapped}, expected only layers that are swapped (see plan_swap)")
     if not isinstance(fold_batchnorm, bool):
         raise TypeError(f"fold_batchnorm: got {type(fold_batchnorm).__name__}, expected a bool")
-    folded = []
-    if fold_batchnorm:
-        from .fold import conv_batchnorm_pairs, fold_pairs  # fold.py builds on this module
-
-        folded = conv_batchnorm_pairs(model)
-        rounded = sorted({conv for conv, _ in folded} & set(weights))
+    pairs = conv_batchnorm_pairs(model) if fold_batchnorm else []
+    if pairs:
+        rounded = sorted({conv for conv, _ in pairs} & set(weights))
         if rounded:
             raise ValueError(f"weights: got weights for {rounded}, which fold_batchnorm=True changes by folding a "
                              f"BatchNorm2d into them; fold first (quantkernels.fold_batchnorm), then round")
     model_bytes_before = model_nbytes(model)
-    if folded:
-        fold_pairs(model, folded)
+    fold_pairs(model, pairs)
     # Only names are kept across the loop: holding the float modules would keep their weights alive.
     slots = module_slots(model)
     show = len(plan) >= PROGRESS_MIN_LAYERS if progress is None else bool(progress)
@@ -219,7 +218,8 @@ def swap_to_quantized(
     for pattern in skip + list(layer_configs):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             warnings.warn(f"swap_to_quantized: pattern {pattern!r} matched no Linear or Conv2d layer", stacklevel=2)
-    model.quantization_report = SwapReport(tuple(layers), model_bytes_before, model_nbytes(model), tuple(folded))
+    folded = tuple((conv, bn) for bn, conv in folded_batchnorms(model).items())
+    model.quantization_report = SwapReport(tuple(layers), model_bytes_before, model_nbytes(model), folded)
     return model
 
 
