@@ -98,3 +98,16 @@ def test_fashion_mnist_int8_top1_within_0_3_points():
         assert len(quantized.quantization_report.swapped) == 4  # both convs, both linear layers
         int8 = fashion_mnist.accuracy(quantized, images, labels)
         assert abs(int8 - fp32) <= 0.3, f"{config.describe()}: top-1 {int8:.2f}% against fp32 {fp32:.2f}%"
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_batchnorm_folded_keeps_top1():
+    model = fashion_mnist.trained_cnn(fashion_mnist.Recipe(batchnorm=True))
+    images, labels = fashion_mnist.load("test")
+    fp32 = fashion_mnist.accuracy(model, images, labels)
+    assert fp32 > 85.0, f"the cached CNN reaches only {fp32:.2f}% top-1"
+    for config in (QuantConfig(), QuantConfig(activations="int8")):
+        quantized = swap_to_quantized(copy.deepcopy(model), config, fold_batchnorm=True)
+        assert len(quantized.quantization_report.folded) == 2
+        int8 = fashion_mnist.accuracy(quantized, images, labels)
+        assert abs(int8 - fp32) <= 0.3, f"{config.describe()} folded: top-1 {int8:.2f}% against fp32 {fp32:.2f}%"
