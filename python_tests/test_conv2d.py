@@ -208,12 +208,13 @@ def test_non_finite_image(isa, name, value, rng):
     assert_close_to_reference(out[:1], want, bound, x.dtype, True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", [(2, 6, 37, (117, 123), (1, 1), (1, 1), (0, 0), (1, 1), 1),
                                   (60, 3, 363, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1)], ids=["1x1", "7x7_images"])
-def test_streamed_output(isa, case, rng):
-    """Outputs of 4 MB and more are written around the caches: plane rows that start anywhere in a cache line,
-    in a tensor from torch's allocator."""
-    x, qw, bias, geometry = make_problem(case, 8, None, True, rng, bias=True)
+def test_streamed_output(isa, case, channels_last, rng):
+    """Outputs of 4 MB and more are written around the caches: plane rows (NCHW) or pixel rows (NHWC, 37 or 363
+    channels) that start anywhere in a cache line, in a tensor from torch's allocator."""
+    x, qw, bias, geometry = make_problem(case, 8, None, True, rng, channels_last=channels_last, bias=True)
     batch, _, cout, (h, w) = case[:4]
     # Filled and freed at once, so that memory the allocator hands out again for the output holds NaN rather than
     # a previous run's answer.

@@ -234,11 +234,12 @@ struct GemmConv {
   void gemm(int64_t g, const T* rows, int64_t m, const float* row_scale, float* y, int64_t n0, int64_t n1) const {
     const float* bias_g = bias ? bias + g * s.group_out() : nullptr;
     if constexpr (std::is_same_v<T, int8_t>) {
+      const bool stream = writes_out() && stream_output(s);  // y is the output itself
       if (pw.packed)
         lk.linear_a8_packed(group_weight(g), pw.packed + g * pw.packed_group_bytes, rows, row_scale, m, bias_g, y, n0,
-                            n1);
+                            n1, stream);
       else
-        lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1);
+        lk.linear_a8(group_weight(g), rows, row_scale, m, bias_g, y, n0, n1, stream);
     } else
       lk.linear_f32(group_weight(g), rows, ActType::f32, m, bias_g, y, n0, n1);
   }

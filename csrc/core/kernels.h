@@ -23,9 +23,10 @@ struct LinearKernels {
   void (*linear_f32)(const WeightView& w, const void* x, ActType x_type, int64_t m, const float* bias, float* y,
                      int64_t n_begin, int64_t n_end);
   // The same with int8 activations: xq [m][w.k_pad] (zero past w.k), x_scale [m] from quantize_rows.
-  // A row whose x_scale is not finite produces NaN.
+  // A row whose x_scale is not finite produces NaN. stream: y is not read again soon, so whole aligned vectors
+  // may be written around the caches (a hint: the AVX-512 kernel takes it).
   void (*linear_a8)(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias,
-                    float* y, int64_t n_begin, int64_t n_end);
+                    float* y, int64_t n_begin, int64_t n_end, bool stream);
   // Dynamic per-row int8 quantization of x [m][k] into xq [m][k_pad] and x_scale [m] (see formats.h).
   void (*quantize_rows)(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* x_scale);
   // Weight rows [n_begin, n_end) as float32, out [n_end - n_begin][w.k]: (code - zero) * scale, rounded once,
@@ -42,7 +43,8 @@ struct LinearKernels {
   void (*pack_a8)(const WeightView& w, int64_t n_begin, int64_t n_end, int8_t* packed) = nullptr;
   // linear_a8 on a packed weight; n_begin a multiple of kPackedA8Columns.
   void (*linear_a8_packed)(const WeightView& w, const int8_t* packed, const int8_t* xq, const float* x_scale,
-                           int64_t m, const float* bias, float* y, int64_t n_begin, int64_t n_end) = nullptr;
+                           int64_t m, const float* bias, float* y, int64_t n_begin, int64_t n_end,
+                           bool stream) = nullptr;
 };
 
 // Output columns of one packed unit of pack_a8 / linear_a8_packed.

@@ -51,7 +51,7 @@ void linear_f32(const WeightView& w, const void* x_any, ActType x_type, int64_t 
 }
 
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end) {
+               int64_t n_begin, int64_t n_end, [[maybe_unused]] bool stream) {
   int32_t codes[kChunk];
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {

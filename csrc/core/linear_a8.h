@@ -17,7 +17,7 @@ struct PlanarPiece {
 
 namespace avx512 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end);
+               int64_t n_begin, int64_t n_end, bool stream);
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* x_scale);
 // amx::planar_a8 (below) on VNNI: the same weight rows (amx::planar_rows, plain AVX-512 code), the same results
 // (exact int32 sums, the same epilogue); vpdpbusd takes the activations as u = code + 128, so each row also needs
@@ -34,13 +34,13 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
 }  // namespace avx512
 namespace avx2 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end);
+               int64_t n_begin, int64_t n_end, bool stream);
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* x_scale);
 }  // namespace avx2
 namespace amx {
 // Runs avx512::linear_a8 where amx_usable() is false.
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end);
+               int64_t n_begin, int64_t n_end, bool stream);
 int64_t packed_a8_bytes(const WeightView& w);
 // The planar product of a stride-1 conv over NCHW activations: out[n][p] = (sum_k W[n][k] * X[k][p]) * scale[n]
 // * x_scale + bias[n] for every n and p_begin <= p < p_end, NaN throughout for a non-finite x_scale. W is w (one
@@ -56,6 +56,6 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int8
                const float* bias, float* out, int64_t ld_out, int64_t p_begin, int64_t p_end, bool stream);
 void pack_a8(const WeightView& w, int64_t n_begin, int64_t n_end, int8_t* packed);
 void linear_a8_packed(const WeightView& w, const int8_t* packed, const int8_t* xq, const float* x_scale, int64_t m,
-                      const float* bias, float* y, int64_t n_begin, int64_t n_end);
+                      const float* bias, float* y, int64_t n_begin, int64_t n_end, bool stream);
 }  // namespace amx
 }  // namespace qk

@@ -290,9 +290,10 @@ void run_tiles(const WeightView& w, const Layout& lay, const int8_t* xq, const f
 }  // namespace
 
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end) {
+               int64_t n_begin, int64_t n_end, bool stream) {
   if (m <= 0 || n_begin >= n_end) return;
-  if (!amx_usable()) return avx512::linear_a8(w, xq, x_scale, m, bias, y, n_begin, n_end);
+  // The tiles' epilogue stores normally (stream is a hint; not measured on an AMX machine yet).
+  if (!amx_usable()) return avx512::linear_a8(w, xq, x_scale, m, bias, y, n_begin, n_end, stream);
   const Layout lay(w);
   thread_local a8::Scratch<int8_t> packed_buf;
   const int64_t pair_bytes = lay.pair_bytes();
@@ -428,7 +429,7 @@ void pack_a8(const WeightView& w, int64_t n_begin, int64_t n_end, int8_t* packed
 }
 
 void linear_a8_packed(const WeightView& w, const int8_t* packed, const int8_t* xq, const float* x_scale, int64_t m,
-                      const float* bias, float* y, int64_t n_begin, int64_t n_end) {
+                      const float* bias, float* y, int64_t n_begin, int64_t n_end, [[maybe_unused]] bool stream) {
   if (m <= 0 || n_begin >= n_end) return;
   const Layout lay(w);
   const int8_t* first = packed + n_begin / kNr * lay.pair_bytes();

@@ -255,7 +255,7 @@ void write_rows(const float* acc, int64_t rows, const float* x_scale, const floa
 }  // namespace
 
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end) {
+               int64_t n_begin, int64_t n_end, [[maybe_unused]] bool stream) {
   if (m <= 0 || n_begin >= n_end) return;
   const a8::Plan plan(w, a8::kKAlign);
   thread_local a8::Scratch<uint8_t> staged_buf;

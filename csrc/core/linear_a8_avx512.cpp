@@ -215,7 +215,7 @@ void tile_rows(int64_t rows, const uint8_t* x, int64_t ldx, const PanelBlock& p,
 
 // y[r][n0 + j] = acc[r][j] * x_scale[r] + bias, or NaN where the row's scale is not finite.
 void write_rows(const float* acc, int64_t rows, const float* x_scale, const float* bias, int64_t n0, int64_t ncols,
-                float* y, int64_t ldy) {
+                float* y, int64_t ldy, bool stream) {
   for (int64_t half = 0; half < 2; ++half) {
     const int64_t valid = std::clamp<int64_t>(ncols - half * kLanes, 0, kLanes);
     if (valid == 0) break;
@@ -227,7 +227,11 @@ void write_rows(const float* acc, int64_t rows, const float* x_scale, const floa
       const __m512 out = std::isfinite(s)
                              ? _mm512_fmadd_ps(_mm512_loadu_ps(acc + r * kNr + half * kLanes), _mm512_set1_ps(s), b)
                              : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-      _mm512_mask_storeu_ps(y + r * ldy + col, keep, out);
+      float* dst = y + r * ldy + col;
+      if (stream && valid == kLanes && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+        _mm512_stream_ps(dst, out);
+      else
+        _mm512_mask_storeu_ps(dst, keep, out);
     }
   }
 }
@@ -235,7 +239,7 @@ void write_rows(const float* acc, int64_t rows, const float* x_scale, const floa
 }  // namespace
 
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,
-               int64_t n_begin, int64_t n_end) {
+               int64_t n_begin, int64_t n_end, bool stream) {
   if (m <= 0 || n_begin >= n_end) return;
   const a8::Plan plan(w, a8::kKAlign);
   thread_local a8::Scratch<uint8_t> staged_buf;
@@ -260,9 +264,10 @@ void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int6
                     plan.row_stride, block, n_seg, seg_steps, acc + r0 * kNr, b == 0);
         }
       }
-      write_rows(acc, rows, x_scale + m0, bias, n0, ncols, y + m0 * w.n, w.n);
+      write_rows(acc, rows, x_scale + m0, bias, n0, ncols, y + m0 * w.n, w.n, stream);
     }
   }
+  if (stream) _mm_sfence();  // streamed stores are weakly ordered: visible before whoever reads y next
 }
 
 namespace {

@@ -135,12 +135,19 @@ void check_linear(qk::Isa isa, std::mt19937& rng, int bits, bool symmetric, int6
     for (int64_t i = 0; i < w.view.k_pad; ++i)
       CHECK(xq[r * w.view.k_pad + i] == xq_ref[i], "%s quantize_rows row %ld col %ld", kern.name, (long)r, (long)i);
   }
-  std::fill(got.begin(), got.end(), nan);
   qk::ref::linear_a8(w.view, x.data(), m, b, want.data());
-  kern.linear_a8(w.view, xq.data(), xs.data(), m, b, got.data(), 0, n);
-  for (int64_t i = 0; i < m * n; ++i)
-    CHECK(std::fabs(got[i] - want[i]) <= 2e-5 * bound[i] + 1e-30, "%s a8 bits=%d sym=%d m=%ld n=%ld k=%ld g=%ld i=%ld: %g vs %g",
-          kern.name, bits, symmetric, (long)m, (long)n, (long)k, (long)group_size, (long)i, got[i], want[i]);
+  // Streamed (a conv's output): whole vectors of rows that start on a cache line go around the caches, the rest
+  // are stored as usual. The output starts on a line, so that both kinds occur.
+  std::vector<float> lines(m * n + 16);
+  float* y = lines.data() + (64 - reinterpret_cast<uintptr_t>(lines.data()) % 64) % 64 / sizeof(float);
+  for (const bool stream : {false, true}) {
+    std::fill(y, y + m * n, nan);
+    kern.linear_a8(w.view, xq.data(), xs.data(), m, b, y, 0, n, stream);
+    for (int64_t i = 0; i < m * n; ++i)
+      CHECK(std::fabs(y[i] - want[i]) <= 2e-5 * bound[i] + 1e-30,
+            "%s a8 stream=%d bits=%d sym=%d m=%ld n=%ld k=%ld g=%ld i=%ld: %g vs %g", kern.name, stream, bits,
+            symmetric, (long)m, (long)n, (long)k, (long)group_size, (long)i, y[i], want[i]);
+  }
 }
 
 // Integer exactness of linear_a8: with unit scales every partial sum is an integer below 2^24, so the float output
@@ -167,7 +174,7 @@ void check_integer_sums(qk::Isa isa, std::mt19937& rng, int bits, bool symmetric
   for (int64_t r = 0; r < m; ++r)
     for (int64_t i = 0; i < k; ++i) xq[r * v.k_pad + i] = static_cast<int8_t>(act(rng));
   std::vector<float> ones(m, 1.0f), got(m * n, std::numeric_limits<float>::quiet_NaN());
-  kern.linear_a8(v, xq.data(), ones.data(), m, nullptr, got.data(), 0, n);
+  kern.linear_a8(v, xq.data(), ones.data(), m, nullptr, got.data(), 0, n, false);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t c = 0; c < n; ++c) {
       int64_t want = 0;

@@ -216,12 +216,12 @@ inline at::Tensor run_linear(const qk::WeightView& w, const at::Tensor& x2, cons
     at::parallel_for(0, (m + kRowTile - 1) / kRowTile, 1, [&](int64_t b, int64_t e) {
       const int64_t r0 = b * kRowTile, r1 = std::min(m, e * kRowTile);
       kern.linear_a8(w, xq.data_ptr<int8_t>() + r0 * w.k_pad, xs.data_ptr<float>() + r0, r1 - r0, bias_ptr,
-                     y.data_ptr<float>() + r0 * w.n, 0, w.n);
+                     y.data_ptr<float>() + r0 * w.n, 0, w.n, false);
     });
     return y;
   }
   parallel_over_rows(w.n, [&](int64_t b, int64_t e) {
-    kern.linear_a8(w, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), m, bias_ptr, y.data_ptr<float>(), b, e);
+    kern.linear_a8(w, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), m, bias_ptr, y.data_ptr<float>(), b, e, false);
   });
   return y;
 }
