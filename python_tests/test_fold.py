@@ -123,6 +123,13 @@ def test_untraceable_model_folds_only_sequential_pairs(rng):
     assert_matches_float64(folded, model, torch.randn(2, 4, 9, 9, generator=rng))
 
 
+def test_fold_after_swap_warns_and_changes_nothing(rng):
+    model = swap_to_quantized(randomize_batchnorms(seeded(Folds, rng), rng))
+    with pytest.warns(UserWarning, match=r"BatchNorm2d \['bn1', 'body.1', 'body.4'\] follow convs already quantized"):
+        fold_batchnorm(model)
+    assert batchnorm_places(model) == (set(), {"bn1", "body.1", "body.4"})
+
+
 def test_fold_errors():
     with pytest.raises(TypeError, match="model: got Tensor, expected a torch.nn.Module"):
         fold_batchnorm(torch.ones(1))

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .modules import QuantizedConv2d, QuantizedModule
 from .swap import module_slots, replace_module, shared_weight_owners
 
 
@@ -84,7 +85,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
             if child is not None:
                 uses[names[id(child)]] = uses.get(names[id(child)], 0) + 1
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _LeafQuantizedTracer().trace(model)
     except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, ...) on untraceable code
         warnings.warn(f"fold_batchnorm: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); "
                       f"folding only the BatchNorm2d that follow a Conv2d in an nn.Sequential", stacklevel=3)
@@ -100,8 +101,21 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
                       and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "call_module"
                       and len(node.args[0].users) == 1
                       and calls[node.target] == 1 and calls[node.args[0].target] == 1]
+    quantized = [b for c, b in candidates if isinstance(model.get_submodule(c), QuantizedConv2d)
+                 and type(model.get_submodule(b)) is nn.BatchNorm2d]
+    if quantized:
+        warnings.warn(f"fold_batchnorm: BatchNorm2d {quantized} follow convs already quantized, whose stored weights "
+                      f"it does not change; fold before swap_to_quantized", stacklevel=3)
     return [(c, b) for c, b in candidates if uses.get(c) == 1 and uses.get(b) == 1 and c not in tied
             and _foldable(model.get_submodule(c), model.get_submodule(b))]
+
+
+class _LeafQuantizedTracer(torch.fx.Tracer):
+    """torch.fx's tracer, with our quantized modules called rather than traced into (their forward checks its
+    input's values)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantizedModule) or super().is_leaf_module(m, qualname)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
