@@ -130,6 +130,12 @@ def test_fold_after_swap_warns_and_changes_nothing(rng):
     assert batchnorm_places(model) == (set(), {"bn1", "body.1", "body.4"})
 
 
+def test_model_without_batchnorm_is_not_traced(recwarn):
+    model = Untraceable()
+    model.bn, model.seq[1] = nn.Identity(), nn.Identity()
+    assert fold_batchnorm(model) is model and not recwarn.list  # no "cannot trace" warning
+
+
 def test_fold_errors():
     with pytest.raises(TypeError, match="model: got Tensor, expected a torch.nn.Module"):
         fold_batchnorm(torch.ones(1))

@@ -73,7 +73,10 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     """(conv name, BatchNorm name) of the pairs :func:`fold_batchnorm` folds; checks that it may."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
-    training = [name or "(model)" for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.training]
+    batchnorms = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if not batchnorms:
+        return []  # nothing to trace for
+    training = [name or "(model)" for name, m in batchnorms if m.training]
     if training:
         raise ValueError(f"model: BatchNorm2d {training[0]!r} is in training mode, expected eval mode (folding uses "
                          f"the running statistics, training normalizes by the batch's): call model.eval() first")
