@@ -227,11 +227,7 @@ void write_rows(const float* acc, int64_t rows, const float* x_scale, const floa
       const __m512 out = std::isfinite(s)
                              ? _mm512_fmadd_ps(_mm512_loadu_ps(acc + r * kNr + half * kLanes), _mm512_set1_ps(s), b)
                              : _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-      float* dst = y + r * ldy + col;
-      if (stream && valid == kLanes && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
-        _mm512_stream_ps(dst, out);
-      else
-        _mm512_mask_storeu_ps(dst, keep, out);
+      simd512::store_lanes(y + r * ldy + col, out, valid, stream);
     }
   }
 }

@@ -38,6 +38,17 @@ inline void transpose16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// The first `valid` (1 to 16) lanes of y to dst; a whole vector that starts on a cache line goes around the caches
+// when stream (the caller fences).
+inline void store_lanes(float* dst, __m512 y, int64_t valid, bool stream) {
+  if (valid < 16)
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << valid) - 1), y);
+  else if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+    _mm512_stream_ps(dst, y);
+  else
+    _mm512_storeu_ps(dst, y);
+}
+
 // One output row piece of a planar conv product (amx::planar_a8, avx512::planar_a8): for the `valid` (1 to 16)
 // sums from `sums` on, (sums * w_scale) * x_scale + bias, NaN throughout where x_scale is not finite, stored to
 // dst; a whole aligned vector goes around the caches when stream. Reads no sum past the valid ones.
@@ -45,13 +56,7 @@ inline void store_planar(const int32_t* sums, __m512 w_scale, __m512 x_scale, bo
                          int64_t valid, bool stream) {
   const __mmask16 keep = valid < 16 ? static_cast<__mmask16>((1u << valid) - 1) : __mmask16(0xFFFF);
   const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(keep, sums)), w_scale);
-  const __m512 y = finite ? _mm512_fmadd_ps(v, x_scale, bias) : _mm512_set1_ps(__builtin_nanf(""));
-  if (valid < 16)
-    _mm512_mask_storeu_ps(dst, keep, y);
-  else if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
-    _mm512_stream_ps(dst, y);
-  else
-    _mm512_storeu_ps(dst, y);
+  store_lanes(dst, finite ? _mm512_fmadd_ps(v, x_scale, bias) : _mm512_set1_ps(__builtin_nanf("")), valid, stream);
 }
 
 }  // namespace qk::simd512
