@@ -57,11 +57,14 @@ def fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]]) -> None:
 def fold_before_rounding(model: nn.Module, swap_kwargs: dict) -> None:
     """For the tools that take swap_to_quantized's arguments and round the weights before it runs (GPTQ, QAT):
     takes ``fold_batchnorm`` out of ``swap_kwargs`` and folds now, so that the weights rounded are the folded ones."""
-    fold = swap_kwargs.pop("fold_batchnorm", False)
+    if check_fold_flag(swap_kwargs.pop("fold_batchnorm", False)):
+        fold_batchnorm(model)
+
+
+def check_fold_flag(fold) -> bool:
     if not isinstance(fold, bool):
         raise TypeError(f"fold_batchnorm: got {type(fold).__name__}, expected a bool")
-    if fold:
-        fold_batchnorm(model)
+    return fold
 
 
 def folded_batchnorms(model: nn.Module) -> Dict[str, str]:
@@ -82,11 +85,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
                          f"the running statistics, training normalizes by the batch's): call model.eval() first")
     tied = shared_weight_owners(model)
     names = {id(m): name for name, m in model.named_modules()}
-    uses: Dict[str, int] = {}
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for child in parent._modules.values():
-            if child is not None:
-                uses[names[id(child)]] = uses.get(names[id(child)], 0) + 1
+    slots = module_slots(model)  # a module held at two places has two
     try:
         graph = _LeafQuantizedTracer().trace(model)
     except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, ...) on untraceable code
@@ -109,7 +108,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     if quantized:
         warnings.warn(f"fold_batchnorm: BatchNorm2d {quantized} follow convs already quantized, whose stored weights "
                       f"it does not change; fold before swap_to_quantized", stacklevel=3)
-    return [(c, b) for c, b in candidates if uses.get(c) == 1 and uses.get(b) == 1 and c not in tied
+    return [(c, b) for c, b in candidates if len(slots[c]) == 1 and len(slots[b]) == 1 and c not in tied
             and _foldable(model.get_submodule(c), model.get_submodule(b))]
 
 

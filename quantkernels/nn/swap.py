@@ -170,7 +170,7 @@ def swap_to_quantized(
     cannot be quantized (dtype, NaN/Inf, meta device) and layers whose stored format would not be smaller than
     the float weight (tiny K with a large group). The :class:`SwapReport` is set as ``model.quantization_report``.
     """
-    from .fold import conv_batchnorm_pairs, fold_pairs, folded_batchnorms  # fold.py builds on this module
+    from .fold import check_fold_flag, conv_batchnorm_pairs, fold_pairs, folded_batchnorms  # fold.py uses this module
 
     weights = dict(weights or {})
     plan, skip, layer_configs = _plan(model, config, bits=bits, group_size=group_size, symmetric=symmetric,
@@ -179,9 +179,7 @@ def swap_to_quantized(
     unswapped = sorted(set(weights) - {name for name, (_, layer_config) in plan.items() if layer_config is not None})
     if unswapped:
         raise ValueError(f"weights: got weights for {unswapped}, expected only layers that are swapped (see plan_swap)")
-    if not isinstance(fold_batchnorm, bool):
-        raise TypeError(f"fold_batchnorm: got {type(fold_batchnorm).__name__}, expected a bool")
-    pairs = conv_batchnorm_pairs(model) if fold_batchnorm else []
+    pairs = conv_batchnorm_pairs(model) if check_fold_flag(fold_batchnorm) else []
     if pairs:
         rounded = sorted({conv for conv, _ in pairs} & set(weights))
         if rounded:
