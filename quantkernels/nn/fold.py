@@ -9,6 +9,7 @@ channel or per group within one, so the folded rows quantize as the unfolded one
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Dict, List, Tuple
 
 import torch
@@ -84,20 +85,17 @@ def conv_batchnorm_pairs(model: nn.Module) -> List[Tuple[str, str]]:
         raise ValueError(f"model: BatchNorm2d {training[0]!r} is in training mode, expected eval mode (folding uses "
                          f"the running statistics, training normalizes by the batch's): call model.eval() first")
     tied = shared_weight_owners(model)
-    names = {id(m): name for name, m in model.named_modules()}
     slots = module_slots(model)  # a module held at two places has two
     try:
         graph = _LeafQuantizedTracer().trace(model)
     except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, ...) on untraceable code
         warnings.warn(f"fold_batchnorm: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}); "
                       f"folding only the BatchNorm2d that follow a Conv2d in an nn.Sequential", stacklevel=3)
+        names = {id(m): name for name, m in model.named_modules()}
         candidates = [(names[id(seq[i])], names[id(seq[i + 1])])
                       for seq in model.modules() if type(seq) is nn.Sequential for i in range(len(seq) - 1)]
     else:
-        calls: Dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
         candidates = [(node.args[0].target, node.target) for node in graph.nodes
                       if node.op == "call_module" and len(node.args) == 1 and not node.kwargs
                       and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "call_module"
