@@ -2,6 +2,7 @@
 #include "conv2d.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <cstdlib>
@@ -77,12 +78,25 @@ T* scratch(Scratch role, int64_t n) {
 
 using a8::round_up;
 
+// Work items per thread that run_for hands out, at most: each claim takes n / (threads * this) of them.
+constexpr int64_t kClaimsPerThread = 8;
+
+// body over [0, n) on the caller's threads. Each thread claims the next block of items from a shared counter
+// until none are left, instead of taking a fixed share: on a shared host one vCPU can run at half speed for
+// seconds, and a fixed split makes the whole call wait for it (a conv then takes nearly the time of its slower
+// half, where claiming lets the faster thread take over the rest).
 void run_for(const Parallel& par, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
   if (n <= 0) return;
-  if (n == 1 || par.num_threads <= 1 || !par.for_range)
+  const int64_t threads = std::min(n, par.num_threads);
+  if (threads <= 1 || !par.for_range) {
     body(0, n);
-  else
-    par.for_range(n, body);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, n / (threads * kClaimsPerThread));
+  std::atomic<int64_t> next{0};
+  par.for_range(threads, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(grain); i < n; i = next.fetch_add(grain)) body(i, std::min(n, i + grain));
+  });
 }
 
 // A scale the quantizer can divide by. An all-zero image has scale 0 (codes all zero); an image holding NaN or
