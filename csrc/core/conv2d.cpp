@@ -332,7 +332,7 @@ struct GemmConv {
     int64_t bands = (units + kBandRows / unit - 1) / (kBandRows / unit);
     if (bands >= threads || threads == 1) {
       // Each thread takes whole bands: im2col, GEMM over every output channel, store, while the band is in cache.
-      bands = (bands + threads - 1) / threads * threads;  // balanced: every thread gets the same number of rows
+      bands = (bands + threads - 1) / threads * threads;  // equal bands, as many as a multiple of the threads
       const int64_t band = (units + bands - 1) / bands * unit;
       bands = (M + band - 1) / band;
       run_for(par, bands, [&](int64_t i0, int64_t i1) {
