@@ -78,7 +78,8 @@ T* scratch(Scratch role, int64_t n) {
 
 using a8::round_up;
 
-// Work items per thread that run_for hands out, at most: each claim takes n / (threads * this) of them.
+// run_for's claims take n / (threads * this) items each, at least one: about this many claims a thread, fine
+// enough that a faster thread can take over much of a slower one's share.
 constexpr int64_t kClaimsPerThread = 8;
 
 // body over [0, n) on the caller's threads. Each thread claims the next block of items from a shared counter
