@@ -192,14 +192,15 @@ def test_prepared_weights_live_with_their_tensors(rng):
         ops.prepack_conv2d(quantize_weight(torch.randn(16, 8, generator=rng), bits=8))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", ["3x3", "1x1", "depthwise", "3x1_groups2", "7x7_images", "1x1_stride2"])
-def test_non_finite_image(isa, name, value, rng):
+def test_non_finite_image(isa, name, value, channels_last, rng):
     """Dynamic activations: an image holding NaN or Inf is NaN throughout (also where a strided conv does not read
     that pixel: (2, 3) at stride 2); the other images are unaffected."""
     case = list(CASES[name])
     case[0] = 2
-    x, qw, bias, geometry = make_problem(tuple(case), 8, None, True, rng, bias=True)
+    x, qw, bias, geometry = make_problem(tuple(case), 8, None, True, rng, channels_last=channels_last, bias=True)
     x[1, 0, 2, 3] = value
     out = quantkernels.conv2d(x, qw, bias, *geometry[1:], act_int8=True)
     assert out[1].isnan().all()

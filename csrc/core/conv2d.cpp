@@ -47,6 +47,8 @@ constexpr int64_t kPlanarMinPixels = 32;
 constexpr int64_t kPlanarChunkBytes = 512 << 10;
 // Smallest piece of an image one thread takes the absmax of.
 constexpr int64_t kMinAbsmaxPiece = 16384;
+// Input rows a depthwise NHWC band stages as codes: well inside L2 with the band's output rows.
+constexpr int64_t kDepthwiseStagedBytes = 256 << 10;
 
 // Scratch memory by role: one grow-only buffer per thread and role, so that repeated calls reuse memory instead
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
@@ -436,26 +438,36 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   std::vector<float> filters_tc(taps * C);  // [taps][C]: a tap's weights for consecutive channels
   for (int64_t c = 0; c < C; ++c)
     for (int64_t t = 0; t < taps; ++t) filters_tc[t * C + c] = filters[c * taps + t];
-  const float* input = x;
-  std::vector<float> scales(s.batch, 1.0f);
-  if (quantize_input) {  // the codes as floats, once per element rather than once per tap
-    float* codes = scratch<float>(Scratch::activations, s.batch * image);
-    const int64_t blocks = (H * W + kPixelBlock - 1) / kPixelBlock;
-    scales = for_each_image(ck, x, s.batch, image, blocks, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
-      const int64_t begin = b * image + u0 * kPixelBlock * C, end = b * image + std::min(u1 * kPixelBlock, H * W) * C;
-      if (usable(scale))
-        ck.quantize_f32(x + begin, end - begin, scale, codes + begin);
-      else
-        std::fill(codes + begin, codes + end, 0.0f);
+  if (!quantize_input) {
+    run_for(par, s.batch * OH, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1;) {  // one call per image the range touches
+        const int64_t b = i / OH, end = std::min(i1, (b + 1) * OH);
+        ck.depthwise_nhwc(s, x + b * image, 0, false, filters_tc.data(), bias, 1.0f, out + b * OH * OW * C, i - b * OH,
+                          end - b * OH);
+        i = end;
+      }
     });
-    input = codes;
+    return;
   }
-  run_for(par, s.batch * OH, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1;) {  // one call per image the range touches
-      const int64_t b = i / OH, end = std::min(i1, (b + 1) * OH);
-      ck.depthwise_nhwc(s, input + b * image, filters_tc.data(), bias, scales[b], out + b * OH * OW * C, i - b * OH,
-                        end - b * OH);
-      i = end;
+  // Dynamic activations: bands of output rows, each band's input rows staged as codes (floats, once per element
+  // rather than once per tap) just before they are convolved, so the input is read once after its absmax and the
+  // codes never leave L2. A band's rows overlap the next band's by the kernel's reach; those are staged twice.
+  const int64_t row_bytes = W * C * int64_t{sizeof(float)};
+  const int64_t reach = (s.kernel_h - 1) * s.dilation_h + 1;  // input rows one output row reads
+  const int64_t band = std::clamp<int64_t>((kDepthwiseStagedBytes / row_bytes - reach) / s.stride_h + 1, 1,
+                                           std::max<int64_t>(1, (OH + 3) / 4));  // 4 bands an image or more
+  const int64_t bands = (OH + band - 1) / band;
+  for_each_image(ck, x, s.batch, image, bands, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t oh0 = u * band, oh1 = std::min(OH, oh0 + band);
+      const int64_t r0 = std::clamp<int64_t>(oh0 * s.stride_h - s.pad_h, 0, H);
+      const int64_t r1 = std::clamp<int64_t>((oh1 - 1) * s.stride_h - s.pad_h + reach, r0, H);
+      float* codes = scratch<float>(Scratch::staged_plane, std::max<int64_t>(1, (r1 - r0) * W * C));
+      if (usable(scale))
+        ck.quantize_f32(x + b * image + r0 * W * C, (r1 - r0) * W * C, scale, codes);
+      else
+        std::fill(codes, codes + (r1 - r0) * W * C, 0.0f);
+      ck.depthwise_nhwc(s, codes, r0, true, filters_tc.data(), bias, scale, out + b * OH * OW * C, oh0, oh1);
     }
   });
 }

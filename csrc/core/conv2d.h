@@ -150,9 +150,10 @@ struct ConvKernels {
   void (*depthwise_plane)(const DepthwisePlane& p, const float* src, bool quantize, const float* w, float scale,
                           float bias, float* out);
   // Output rows [oh_begin, oh_end) of one NHWC image: out[oh][ow][c] = scale * sum_{kh,kw} w_tc[kh][kw][c] *
-  // x[ih][iw][c] (taps inside the image) + bias[c]. w_tc: float [taps][C]; bias: float [C] or nullptr.
-  void (*depthwise_nhwc)(const Conv2dShape& s, const float* x, const float* w_tc, const float* bias, float scale,
-                         float* out, int64_t oh_begin, int64_t oh_end);
+  // x[ih][iw][c] (taps inside the image) + bias[c]. x holds the image's rows from row0 on, at least those these
+  // outputs read; staged: x was just written (it is in cache). w_tc: float [taps][C]; bias: float [C] or nullptr.
+  void (*depthwise_nhwc)(const Conv2dShape& s, const float* x, int64_t row0, bool staged, const float* w_tc,
+                         const float* bias, float scale, float* out, int64_t oh_begin, int64_t oh_end);
 };
 
 const ConvKernels& conv_kernels(Isa isa);
