@@ -1,8 +1,8 @@
 """quant::conv2d_* on CPU, every ISA path, against the float64 reference.
 
 The cases reach every path of csrc/core/conv2d.cpp: depthwise (direct, NCHW planes or NHWC rows), on AMX or
-AVX-512 with NCHW int8 activations the planar product of stride-1 convs (1x1 unpadded quantized chunk by
-chunk; with taps or padding gathered from shifted quad planes), 1x1 stride 1 (the activation is the GEMM
+AVX-512 with int8 activations the planar product of stride-1 convs (NCHW or NHWC; 1x1 unpadded quantized
+chunk by chunk; with taps or padding gathered from shifted quad planes), 1x1 stride 1 (the activation is the GEMM
 input), im2col with the weight reordered (one scale group per channel) or gathered (several groups along K),
 several bands per thread and the threads splitting output channels; and the weight prepared once or per call.
 """

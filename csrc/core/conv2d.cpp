@@ -54,7 +54,7 @@ constexpr int64_t kDepthwiseStagedBytes = 256 << 10;
 // of faulting in fresh pages (malloc maps buffers this large afresh every time). Contents are undefined.
 enum class Scratch : int {
   prepared_weight, reordered_rows, activations, subsampled, shared_rows, shared_y, shared_scales,  // the caller's
-  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes,  // every worker's
+  weight_codes, band_rows, band_y, band_scales, staged_plane, staged_row, planar_codes, planar_out,  // every worker's
   count
 };
 
@@ -472,16 +472,6 @@ void depthwise(const ConvKernels& ck, const Conv2dShape& s, Layout layout, const
   });
 }
 
-// Channel quads [q0, q1) of an image as ConvKernels::quantize_quads writes them into dst [quads][ld_dst]; zero
-// for an unusable scale.
-void quantize_quads_or_zero(const ConvKernels& ck, const float* src, int64_t channels, int64_t pixels,
-                            int64_t ld_src, float scale, int8_t* dst, int64_t ld_dst, int64_t q0, int64_t q1) {
-  if (usable(scale))
-    ck.quantize_quads(src, channels, pixels, ld_src, scale, dst, ld_dst, q0, q1);
-  else
-    std::memset(dst + q0 * ld_dst * 4, 0, (q1 - q0) * ld_dst * 4);
-}
-
 // Lanes the planar product computes for a run of `len` pixels: 32-pixel blocks, the last one 16 wide where it can.
 int64_t planar_lanes(int64_t len) {
   const int64_t rest = len % 32;
@@ -526,19 +516,23 @@ struct PlanarChunks {
   }
 };
 
-// A stride-1 conv on NCHW activations with int8 activations, planar throughout (amx::planar_a8 on the tile unit,
-// avx512::planar_a8 on VNNI): output channels x pixels, giving out plane rows straight, with no transpose of
-// input or output.
-// 1x1 unpadded, per image: after an image's scale, each chunk of its pixels is quantized from its planes into
+// A stride-1 conv with int8 activations, planar throughout (amx::planar_a8 on the tile unit, avx512::planar_a8 on
+// VNNI): output channels x pixels. NCHW: the input's planes quantized straight into quads of channels and the
+// product's rows stored as output plane rows, no transpose of input or output. NHWC: each pixel's channels
+// quantized into the same quads (ConvKernels::quantize_quads_nhwc), and each chunk's product transposed into the
+// output's pixel rows from a buffer that stays in cache.
+// 1x1 unpadded, per image: after an image's scale, each chunk of its pixels is quantized from the input into
 // quads of channels and multiplied at once, the codes still in L1/L2 (where a thread has whole images, the
 // quantizer rereads the input from L2, where the absmax left it). Otherwise (taps, padding, or packed chunks):
 // each image quantized into quad planes first, then each chunk's B rows gathered tap by tap from them
 // (ConvKernels::tap_quads).
-void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const float* x, const PreparedConvWeight& pw,
-                 const float* bias, float* out, const Parallel& par, const float* scales_in = nullptr) {
+void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, Layout layout, const float* x,
+                 const PreparedConvWeight& pw, const float* bias, float* out, const Parallel& par,
+                 const float* scales_in = nullptr) {
   const int64_t C = s.in_channels, N = s.out_channels, pixels = s.height * s.width, image = C * pixels;
   const int64_t out_pixels = s.out_height() * s.out_width(), taps = s.taps();
   const int64_t ld_w = amx::planar_row_bytes(pw.view, taps), quads = ld_w / 4;
+  const bool nhwc = layout == Layout::nhwc;
   // Packed chunks gather their B rows from quad planes. Convs with taps do anyway: pack them where over 1/32 of
   // the lanes would idle (ResNet-50 stage3 3x3, 196 pixels in 208 lanes: 0.96x the time). An unpadded 1x1 would
   // give up quantizing its chunks straight from the input (384->64 at 14x14, 1/16 idle, measured 1.05x the time
@@ -546,15 +540,51 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
   const bool direct_1x1 = taps == 1 && s.pad_h == 0 && s.pad_w == 0;
   const PlanarChunks chunks(isa == Isa::amx ? 0 : direct_1x1 ? 8 : 32, s.batch, out_pixels, ld_w, par);
   const bool stream = stream_output(s);
-  auto multiply = [&](const int8_t* codes, const PlanarPiece* pieces, int64_t count) {
+  // The product of one chunk's codes into its pieces' outputs, rows ld_out floats apart.
+  auto product = [&](const int8_t* codes, const PlanarPiece* pieces, int64_t count, int64_t ld_out, bool streamed) {
     if (isa != Isa::amx) {
       avx512::planar_a8(pw.planar, ld_w, pw.view, pw.planar_corrections, codes, chunks.ld, pieces, count, bias,
-                        out_pixels, stream);
+                        ld_out, streamed);
       return;
     }
     for (int64_t i = 0; i < count; ++i)  // one piece a chunk: AMX chunks are never packed
       amx::planar_a8(pw.planar, ld_w, pw.view, codes + 4 * pieces[i].begin, chunks.ld, pieces[i].x_scale, bias,
-                     pieces[i].out, out_pixels, 0, pieces[i].end - pieces[i].begin, stream);
+                     pieces[i].out, ld_out, 0, pieces[i].end - pieces[i].begin, streamed);
+  };
+  // Pieces name image b's output pixel p0 as out + b * N * out_pixels + p0 (the NCHW place). NHWC: the product
+  // goes to a chunk buffer [N][chunks.ld], then each piece's columns are transposed into its pixels' rows.
+  auto multiply = [&](const int8_t* codes, PlanarPiece* pieces, int64_t count) {
+    if (!nhwc) {
+      product(codes, pieces, count, out_pixels, stream);
+      return;
+    }
+    float* rows = scratch<float>(Scratch::planar_out, N * chunks.ld);
+    std::vector<float*> targets(count);
+    for (int64_t i = 0; i < count; ++i) {
+      targets[i] = pieces[i].out;
+      pieces[i].out = rows + (pieces[i].begin - pieces[0].begin);
+    }
+    product(codes, pieces, count, chunks.ld, false);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t nchw = targets[i] - out, b = nchw / (N * out_pixels), p0 = nchw % (N * out_pixels);
+      ck.transpose(pieces[i].out, N, pieces[i].end - pieces[i].begin, chunks.ld, out + (b * out_pixels + p0) * N, N,
+                   stream);
+    }
+  };
+  // Rows [0, rows) of channel quads of pixels [p0, p0 + len) of image b into dst [rows][ld_dst], words [0, width)
+  // of each; zero past the channels and the pixels.
+  const int64_t cin_quads = round_up(C, 4) / 4;
+  auto quantize = [&](int64_t b, float scale, int64_t p0, int64_t len, int64_t rows, int8_t* dst, int64_t ld_dst,
+                      int64_t width) {
+    int64_t written = 0;
+    if (usable(scale) && nhwc) {
+      ck.quantize_quads_nhwc(x + b * image + p0 * C, C, len, C, scale, dst, ld_dst, width);
+      written = cin_quads;
+    } else if (usable(scale)) {
+      ck.quantize_quads(x + b * image + p0, C, len, pixels, scale, dst, ld_dst, 0, rows);
+      written = rows;
+    }
+    for (int64_t q = written; q < rows; ++q) std::memset(dst + 4 * q * ld_dst, 0, 4 * width);
   };
   if (direct_1x1 && !chunks.packed) {
     const int64_t per_image = chunks.per_image;
@@ -562,19 +592,30 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, const flo
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
       for (int64_t u = b * per_image + u0; u < b * per_image + u1; ++u) {
         const int64_t g0 = chunks.begin(u), p0 = g0 - b * pixels, len = chunks.end(u) - g0;
-        const PlanarPiece piece{0, len, scale, out + b * N * out_pixels + p0};
-        quantize_quads_or_zero(ck, x + b * image + p0, C, len, pixels, scale, codes, chunks.ld, 0, quads);
+        PlanarPiece piece{0, len, scale, out + b * N * out_pixels + p0};
+        quantize(b, scale, p0, len, quads, codes, chunks.ld, chunks.ld);
         multiply(codes, &piece, 1);
       }
     }, scales_in);
     return;
   }
-  const int64_t cin_quads = round_up(C, 4) / 4, ld_plane = round_up(pixels, 16);
+  const int64_t ld_plane = round_up(pixels, 16);
   int8_t* planes = scratch<int8_t>(Scratch::activations, s.batch * cin_quads * ld_plane * 4);
+  // Units of an image: its quads (NCHW: a quad reads four planes) or blocks of its pixels (NHWC: a pixel's channels
+  // are one run of memory).
+  const int64_t units = nhwc ? (pixels + kPixelBlock - 1) / kPixelBlock : cin_quads;
   const std::vector<float> scales =
-      for_each_image(ck, x, s.batch, image, cin_quads, true, par, [&](int64_t b, float scale, int64_t q0, int64_t q1) {
-        quantize_quads_or_zero(ck, x + b * image, C, pixels, pixels, scale, planes + b * cin_quads * ld_plane * 4,
-                               ld_plane, q0, q1);
+      for_each_image(ck, x, s.batch, image, units, true, par, [&](int64_t b, float scale, int64_t u0, int64_t u1) {
+        int8_t* image_planes = planes + b * cin_quads * ld_plane * 4;
+        if (nhwc) {
+          const int64_t p0 = u0 * kPixelBlock, p1 = std::min(u1 * kPixelBlock, pixels);
+          const int64_t width = (p1 == pixels ? ld_plane : p1) - p0;  // the last block: the padding too
+          quantize(b, scale, p0, p1 - p0, cin_quads, image_planes + 4 * p0, ld_plane, width);
+        } else if (!usable(scale)) {
+          std::memset(image_planes + u0 * ld_plane * 4, 0, (u1 - u0) * ld_plane * 4);
+        } else {
+          ck.quantize_quads(x + b * image, C, pixels, pixels, scale, image_planes, ld_plane, u0, u1);
+        }
       }, scales_in);
   run_for(par, chunks.count, [&](int64_t i0, int64_t i1) {
     int32_t* rows = scratch<int32_t>(Scratch::planar_codes, quads * chunks.ld);
@@ -619,7 +660,7 @@ void planar_strided_1x1(Isa isa, const ConvKernels& ck, const Conv2dShape& s, co
       ck.subsample(x + i * pixels, s.width, s.stride_h, s.stride_w, picked.height, picked.width,
                    xs + i * picked_pixels);
   });
-  planar_conv(isa, ck, picked, xs, pw, bias, out, par, scales.data());
+  planar_conv(isa, ck, picked, Layout::nchw, xs, pw, bias, out, par, scales.data());
 }
 
 }  // namespace
@@ -676,7 +717,8 @@ struct PreparedPlan {
 
 bool conv_runs_planar(Isa isa, const Conv2dShape& s, const WeightView& w, Layout layout, bool quantize_input) {
   const bool unpadded_1x1 = s.kernel_h == 1 && s.kernel_w == 1 && s.pad_h == 0 && s.pad_w == 0;
-  return quantize_input && layout == Layout::nchw && ((s.stride_h == 1 && s.stride_w == 1) || unpadded_1x1) &&
+  const bool stride_1 = s.stride_h == 1 && s.stride_w == 1;
+  return quantize_input && (stride_1 || (unpadded_1x1 && layout == Layout::nchw)) &&
          s.groups == 1 &&
          !s.depthwise() && ((isa == Isa::amx && amx_usable()) || isa == Isa::avx512) && w.n_groups() == 1 &&
          amx::planar_row_bytes(w, s.taps()) <= kPlanarMaxK;
@@ -752,7 +794,7 @@ void conv2d(Isa isa, const Conv2dShape& s, Layout layout, const float* x, const 
 
   if (pw.planar) {
     if (s.stride_h == 1 && s.stride_w == 1)
-      planar_conv(isa, ck, s, x, pw, bias, out, par);
+      planar_conv(isa, ck, s, layout, x, pw, bias, out, par);
     else
       planar_strided_1x1(isa, ck, s, x, pw, bias, out, par);
     return;

@@ -2,11 +2,12 @@
 //
 //   depthwise (groups == in_channels == out_channels, any kernel): direct convolution with the weight
 //     dequantized per call (C x kh x kw floats), no GEMM;
-//   stride 1, one group, int8 activations in NCHW, on AMX or AVX-512 VNNI: the planar product (amx::planar_a8,
+//   stride 1, one group, int8 activations, on AMX or AVX-512 VNNI: the planar product (amx::planar_a8,
 //     avx512::planar_a8: output channels x pixels, the activations quantized in quads of channels, each tap's B
-//     rows a shifted copy of those planes), so neither input nor output is transposed; on VNNI small images'
-//     pixels share chunks, so that 7x7 images do not leave a quarter of the lanes idle; an unpadded strided 1x1
-//     conv likewise, on the pixels it reads (ConvKernels::subsample) with the whole images' scales;
+//     rows a shifted copy of those planes); NCHW input and output are never transposed, NHWC output is
+//     transposed chunk by chunk from cache; on VNNI small images' pixels share chunks, so that 7x7 images do not
+//     leave a quarter of the lanes idle; an unpadded strided 1x1 conv on NCHW likewise, on the pixels it reads
+//     (ConvKernels::subsample) with the whole images' scales;
 //   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
@@ -69,9 +70,9 @@ struct PreparedConvWeight {
   bool taps_major = false;         // view's K is in (kh, kw, cin) order
 };
 
-// Whether the conv runs planar: stride 1 (any kernel, padding and dilation) or an unpadded 1x1 (any stride), one
-// group (not depthwise), NCHW, int8 activations, on usable AMX or on AVX-512 (VNNI), with one scale group per
-// output channel (amx::planar_a8).
+// Whether the conv runs planar: stride 1 (any kernel, padding and dilation) or, on NCHW, an unpadded 1x1 (any
+// stride), one group (not depthwise), int8 activations, on usable AMX or on AVX-512 (VNNI), with one scale group
+// per output channel (amx::planar_a8).
 bool conv_runs_planar(Isa isa, const Conv2dShape& shape, const WeightView& w, Layout layout, bool quantize_input);
 // Bytes of memory prepare_conv_weight needs (0: it only points at w). Only the shape's kernel, stride, padding and
 // groups matter, not its batch or image size.
@@ -133,6 +134,10 @@ struct ConvKernels {
   // and past `pixels`. ld_dst is a multiple of the vector width, in words.
   void (*quantize_quads)(const float* src, int64_t channels, int64_t pixels, int64_t ld_src, float scale,
                          int8_t* dst, int64_t ld_dst, int64_t q_begin, int64_t q_end);
+  // The same words from channels-innermost pixels src [pixels][ld_src] (NHWC): every quad of `channels`, words
+  // [0, width) of each quad row, zero past `pixels`; width a multiple of 4, at most ld_dst.
+  void (*quantize_quads_nhwc)(const float* src, int64_t channels, int64_t pixels, int64_t ld_src, float scale,
+                              int8_t* dst, int64_t ld_dst, int64_t width);
   // For output pixels [p0, p0 + len) of a stride-1 conv (output rows out_width wide), the words of one tap:
   // dst[p - p0] = src[(oh + dy) * width + ow + dx] for output pixel p = (oh, ow), zero where (oh + dy, ow + dx)
   // falls outside the height x width plane src. The planar product's B rows for a conv with taps.

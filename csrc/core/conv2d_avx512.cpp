@@ -26,14 +26,19 @@
       _mm512_packs_epi16(_mm512_packs_epi32((__m512i)(c0), (__m512i)(c1)),                                   \
                          _mm512_packs_epi32((__m512i)(c2), (__m512i)(c3))),                                  \
       _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400)))
+// Codes of four pixels (16 channels each) into words: the same packs, which leave 128-bit lane L holding channels
+// 4L..4L + 3 of pixel 0, 1, 2, 3: quad L's words for the four pixels, as quantize_quads_nhwc stores them.
+#define QK_CONV_PACK_PIXEL_QUADS(p0, p1, p2, p3)                                                            \
+  ((vint)_mm512_packs_epi16(_mm512_packs_epi32((__m512i)(p0), (__m512i)(p1)),                               \
+                            _mm512_packs_epi32((__m512i)(p2), (__m512i)(p3))))
 #include "conv2d_simd.inc"
 
 namespace qk {
 
 const ConvKernels& avx512_conv_kernels() {
   static const ConvKernels table{"avx512", absmax, quantize_int8, quantize_f32, transpose,
-                                 quantize_transposed, quantize_quads, tap_quads, subsample, reorder_taps,
-                                 depthwise_plane, depthwise_nhwc};
+                                 quantize_transposed, quantize_quads, quantize_quads_nhwc, tap_quads,
+                                 subsample, reorder_taps, depthwise_plane, depthwise_nhwc};
   return table;
 }
 

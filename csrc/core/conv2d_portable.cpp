@@ -12,8 +12,8 @@ namespace qk {
 
 const ConvKernels& portable_conv_kernels() {
   static const ConvKernels table{"portable", absmax, quantize_int8, quantize_f32, transpose,
-                                 quantize_transposed, quantize_quads, tap_quads, subsample, reorder_taps,
-                                 depthwise_plane, depthwise_nhwc};
+                                 quantize_transposed, quantize_quads, quantize_quads_nhwc, tap_quads,
+                                 subsample, reorder_taps, depthwise_plane, depthwise_nhwc};
   return table;
 }
 

@@ -283,7 +283,7 @@ const Case kCases[] = {
     {1, 3, 3, 5, 33, 3, 3, 1, 1, 0, 1, 1, 1, 3},      // depthwise, 3 output rows of 33: blocks of 1 row
     {2, 6, 12, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, 6},      // channel multiplier 2: grouped GEMM, not depthwise
     {2, 70, 37, 20, 21, 1, 1, 1, 1, 0, 0, 1, 1, 1},   // 1x1 over 420 pixels: planar, two K steps and tasks
-    // Stride 1 with int8 activations on NCHW runs planar on AMX and AVX-512: taps from shifted quad planes.
+    // Stride 1 with int8 activations runs planar on AMX and AVX-512 (NHWC too): taps from shifted quad planes.
     {2, 5, 7, 9, 8, 3, 3, 1, 1, 0, 0, 1, 1, 1},       // 3x3 unpadded: output rows narrower than input rows
     {1, 6, 9, 12, 13, 3, 3, 1, 1, 2, 1, 2, 1, 1},     // dilation 2 rows, uneven padding
     {1, 5, 4, 6, 7, 1, 1, 1, 1, 1, 2, 1, 1, 1},       // 1x1 padded: one tap, shifted
