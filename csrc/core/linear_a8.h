@@ -26,11 +26,13 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* 
 // The columns of X may hold several images' pixels one after another (small images packed so that the 16-lane
 // vectors are full): pieces[0 .. count) in column order, each one image's run of columns with its own scale and
 // destination, adjacent (pieces[i].end == pieces[i + 1].begin); ld_x a multiple of 32 >= pieces[count - 1].end.
+// pixel_rows (channels_last output): column c of output channel n goes to out[(c - begin) * ld_out + n] instead,
+// and stream is ignored (a pixel's channels are stored 8 at a time, never whole cache lines).
 int64_t planar_corrections_len(int64_t n);
 void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64_t n_end, int32_t* corrections);
 void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int32_t* corrections, const int8_t* x,
                int64_t ld_x, const PlanarPiece* pieces, int64_t count, const float* bias, int64_t ld_out,
-               bool stream);
+               bool stream, bool pixel_rows = false);
 }  // namespace avx512
 namespace avx2 {
 void linear_a8(const WeightView& w, const int8_t* xq, const float* x_scale, int64_t m, const float* bias, float* y,

@@ -12,7 +12,7 @@
 #include "reference.h"
 
 // After every #include, so that only this file's own functions are compiled for AVX-512.
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
 // GCC 12 warns inside its own intrinsics (the deliberately undefined pass-through operand, GCC bug 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
@@ -321,7 +321,7 @@ void planar_corrections(const int8_t* rows, int64_t ld_w, int64_t n_begin, int64
 // start on a cache line (196 pixels: one in four), and only a row's aligned middle can go around the caches.
 void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int32_t* corrections, const int8_t* x,
                int64_t ld_x, const PlanarPiece* pieces, int64_t count, const float* bias, int64_t ld_out,
-               bool stream) {
+               bool stream, bool pixel_rows) {
   if (count <= 0) return;
   const int64_t p_begin = pieces[0].begin, p_end = pieces[count - 1].end;
   const int64_t quads = ld_w / 4, x_step = ld_x * 4;  // bytes from one quad of K to the next
@@ -347,16 +347,65 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
       }
     }
   };
+  // Pixel rows: 16 columns [c, c + 16) of block n0 at a time (fewer past the last piece), its rows transposed into
+  // each pixel's run of output channels, scaled as store_planar scales them.
+  const int64_t columns = p_end - p_begin;
+  auto store_columns = [&](const int32_t* sums, int64_t n0, int64_t v0, int64_t v1) {
+    const int64_t rows_here = std::min<int64_t>(kPlanarMr, w.n - n0);
+    const __mmask8 keep = static_cast<__mmask8>((1u << rows_here) - 1);
+    const __m256 bn = bias ? _mm256_maskz_loadu_ps(keep, bias + n0) : _mm256_setzero_ps();
+    const PlanarPiece* piece = pieces;
+    for (int64_t c = v0 * kLanes; c < std::min(columns, v1 * kLanes); c += kLanes) {
+      __m512 v[kPlanarMr];
+      for (int r = 0; r < kPlanarMr; ++r)
+        v[r] = r < rows_here ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums + r * ld_sums + c)),
+                                             _mm512_set1_ps(w.scale[n0 + r]))
+                             : _mm512_setzero_ps();
+      // 8 x 16 -> 16 x 8: within each 128-bit lane L, u[j] holds rows 0-3 and u[4 + j] rows 4-7 of pixel 4L + j.
+      __m512 u[kPlanarMr];
+      for (int h = 0; h < 2; ++h) {
+        const __m512 lo01 = _mm512_unpacklo_ps(v[4 * h], v[4 * h + 1]);
+        const __m512 hi01 = _mm512_unpackhi_ps(v[4 * h], v[4 * h + 1]);
+        const __m512 lo23 = _mm512_unpacklo_ps(v[4 * h + 2], v[4 * h + 3]);
+        const __m512 hi23 = _mm512_unpackhi_ps(v[4 * h + 2], v[4 * h + 3]);
+        u[4 * h] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+        u[4 * h + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+        u[4 * h + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+        u[4 * h + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+      }
+      const __m512i lanes01 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      const __m512i lanes23 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+      __m256 pixel[kLanes];
+      for (int j = 0; j < 4; ++j) {
+        const __m512 a = _mm512_permutex2var_ps(u[j], lanes01, u[4 + j]);  // pixels j, 4 + j
+        const __m512 b = _mm512_permutex2var_ps(u[j], lanes23, u[4 + j]);  // pixels 8 + j, 12 + j
+        pixel[j] = _mm512_castps512_ps256(a);
+        pixel[4 + j] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+        pixel[8 + j] = _mm512_castps512_ps256(b);
+        pixel[12 + j] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1));
+      }
+      for (int64_t i = 0; i < std::min<int64_t>(kLanes, columns - c); ++i) {
+        const int64_t col = p_begin + c + i;
+        while (col >= piece->end) ++piece;
+        const __m256 y = std::isfinite(piece->x_scale)
+                             ? _mm256_fmadd_ps(pixel[i], _mm256_set1_ps(piece->x_scale), bn)
+                             : _mm256_set1_ps(__builtin_nanf(""));
+        _mm256_mask_storeu_ps(piece->out + (col - piece->begin) * ld_out + n0, keep, y);
+      }
+    }
+  };
   auto sums_of = [&](int64_t n0) { return buffers + n0 / kPlanarMr % 2 * kPlanarMr * ld_sums; };
   auto rows_of = [&](int64_t n0) { return std::min<int64_t>(kPlanarMr, w.n - n0); };
   // Two blocks' sums: a block's rows are stored a few at a time between the next block's tiles, so that the
   // stores drain while the tiles compute (stored in one burst after the block's own tiles, ResNet-50 stage3 1x1
   // expand took 1.15x the time).
   const int64_t tiles = (p_end - p_begin + 2 * kLanes - 1) / (2 * kLanes);
+  const int64_t vectors = (columns + kLanes - 1) / kLanes;
   int64_t held = -1;
   // Channel blocks outside, as in amx::planar_a8 (pixel blocks outside measured 1-3 % slower on Zen 4).
   for (int64_t n0 = 0; n0 < w.n; n0 += kPlanarMr) {
-    const int64_t held_rows = held < 0 ? 0 : rows_of(held);
+    // What of the held block is stored between this block's tiles: its rows, or its pixel vectors.
+    const int64_t held_units = held < 0 ? 0 : pixel_rows ? vectors : rows_of(held);
     int64_t stored = 0, t = 0;
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2 * kLanes) {
       int32_t* const tile_sums = sums_of(n0) + (p0 - p_begin);
@@ -364,11 +413,18 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
         planar_tile<2>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, tile_sums, ld_sums);
       else
         planar_tile<1>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, tile_sums, ld_sums);
-      const int64_t upto = held_rows * ++t / tiles;
-      store_rows(sums_of(held), held, stored, upto);
+      const int64_t upto = held_units * ++t / tiles;
+      if (upto > stored && pixel_rows)
+        store_columns(sums_of(held), held, stored, upto);
+      else if (upto > stored)
+        store_rows(sums_of(held), held, stored, upto);
       stored = upto;
     }
     held = n0;
+  }
+  if (pixel_rows) {
+    store_columns(sums_of(held), held, 0, vectors);
+    return;
   }
   store_rows(sums_of(held), held, 0, rows_of(held));
   if (stream) _mm_sfence();
