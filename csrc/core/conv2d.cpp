@@ -553,34 +553,30 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, Layout la
       amx::planar_a8(pw.planar, ld_w, pw.view, codes + 4 * pieces[i].begin, chunks.ld, pieces[i].x_scale, bias,
                      pieces[i].out, ld_out, 0, pieces[i].end - pieces[i].begin, streamed);
   };
-  // Pieces name image b's output pixel p0 as out + b * N * out_pixels + p0 (the NCHW place); its NHWC place is
-  // out + (b * out_pixels + p0) * N. NHWC outputs that stay in cache: VNNI's epilogue stores pixel rows. Larger
-  // ones (and on AMX): the product goes to a chunk buffer [N][chunks.ld] and each piece's columns are transposed
-  // into its pixel rows, written around the caches (pixel rows straight from the epilogue are stored 8 channels
-  // at a time: ResNet-50 stage1 1x1 expand in channels_last took 1.70x the NCHW time that way, 1.36x buffered).
-  auto multiply = [&](const int8_t* codes, PlanarPiece* pieces, int64_t count) {
+  // Where image b's output pixel p0 goes: its plane rows start there (NCHW, rows out_pixels apart) or its pixel
+  // row does (NHWC).
+  auto place = [&](int64_t b, int64_t p0) {
+    return nhwc ? out + (b * out_pixels + p0) * N : out + b * N * out_pixels + p0;
+  };
+  // NHWC outputs that stay in cache: VNNI's epilogue stores pixel rows. Larger ones (and on AMX): the product goes
+  // to a chunk buffer [N][chunks.ld] and each piece's columns are transposed into its pixel rows, written around
+  // the caches (pixel rows straight from the epilogue are stored 8 channels at a time: ResNet-50 stage1 1x1 expand
+  // in channels_last took 1.70x the NCHW time that way, 1.36x buffered).
+  auto multiply = [&](const int8_t* codes, const PlanarPiece* pieces, int64_t count) {
     if (!nhwc) {
       product(codes, pieces, count, out_pixels, stream, false);
       return;
     }
-    auto pixel_row = [&](const float* nchw_place) {
-      const int64_t at = nchw_place - out, b = at / (N * out_pixels), p0 = at % (N * out_pixels);
-      return out + (b * out_pixels + p0) * N;
-    };
     if (isa != Isa::amx && !stream) {
-      for (int64_t i = 0; i < count; ++i) pieces[i].out = pixel_row(pieces[i].out);
       product(codes, pieces, count, N, false, true);
       return;
     }
     float* rows = scratch<float>(Scratch::planar_out, N * chunks.ld);
-    std::vector<float*> targets(count);
-    for (int64_t i = 0; i < count; ++i) {
-      targets[i] = pixel_row(pieces[i].out);
-      pieces[i].out = rows + (pieces[i].begin - pieces[0].begin);
-    }
-    product(codes, pieces, count, chunks.ld, false, false);
+    std::vector<PlanarPiece> buffered(pieces, pieces + count);
+    for (PlanarPiece& piece : buffered) piece.out = rows + (piece.begin - pieces[0].begin);
+    product(codes, buffered.data(), count, chunks.ld, false, false);
     for (int64_t i = 0; i < count; ++i)
-      ck.transpose(pieces[i].out, N, pieces[i].end - pieces[i].begin, chunks.ld, targets[i], N, stream);
+      ck.transpose(buffered[i].out, N, pieces[i].end - pieces[i].begin, chunks.ld, pieces[i].out, N, stream);
   };
   // Rows [0, rows) of channel quads of pixels [p0, p0 + len) of image b into dst [rows][ld_dst], words [0, width)
   // of each; zero past the channels and the pixels.
@@ -603,7 +599,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, Layout la
       int8_t* codes = scratch<int8_t>(Scratch::planar_codes, quads * chunks.ld * 4);
       for (int64_t u = b * per_image + u0; u < b * per_image + u1; ++u) {
         const int64_t g0 = chunks.begin(u), p0 = g0 - b * pixels, len = chunks.end(u) - g0;
-        PlanarPiece piece{0, len, scale, out + b * N * out_pixels + p0};
+        const PlanarPiece piece{0, len, scale, place(b, p0)};
         quantize(b, scale, p0, len, quads, codes, chunks.ld, chunks.ld);
         multiply(codes, &piece, 1);
       }
@@ -646,7 +642,7 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, Layout la
               ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0, len,
                            rows + (t * cin_quads + q) * chunks.ld + (g - g0));
           }
-        pieces.push_back({g - g0, g - g0 + len, scales[b], out + (b * N * out_pixels + p0)});
+        pieces.push_back({g - g0, g - g0 + len, scales[b], place(b, p0)});
         g += len;
       }
       multiply(reinterpret_cast<const int8_t*>(rows), pieces.data(), static_cast<int64_t>(pieces.size()));

@@ -354,12 +354,13 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
     const int64_t rows_here = std::min<int64_t>(kPlanarMr, w.n - n0);
     const __mmask8 keep = static_cast<__mmask8>((1u << rows_here) - 1);
     const __m256 bn = bias ? _mm256_maskz_loadu_ps(keep, bias + n0) : _mm256_setzero_ps();
+    __m512 ws[kPlanarMr];
+    for (int r = 0; r < kPlanarMr; ++r) ws[r] = _mm512_set1_ps(r < rows_here ? w.scale[n0 + r] : 0.0f);
     const PlanarPiece* piece = pieces;
     for (int64_t c = v0 * kLanes; c < std::min(columns, v1 * kLanes); c += kLanes) {
       __m512 v[kPlanarMr];
       for (int r = 0; r < kPlanarMr; ++r)
-        v[r] = r < rows_here ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums + r * ld_sums + c)),
-                                             _mm512_set1_ps(w.scale[n0 + r]))
+        v[r] = r < rows_here ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums + r * ld_sums + c)), ws[r])
                              : _mm512_setzero_ps();
       // 8 x 16 -> 16 x 8: within each 128-bit lane L, u[j] holds rows 0-3 and u[4 + j] rows 4-7 of pixel 4L + j.
       __m512 u[kPlanarMr];
