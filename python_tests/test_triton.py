@@ -26,7 +26,7 @@ from quantkernels.testing import (  # noqa: E402
     INTERPRETER_BFLOAT16_SCALE, assert_close_to_reference, conv2d_bound, linear_bound)
 from quantkernels.triton import configs  # noqa: E402
 from quantkernels.triton.activations import quantize_rows  # noqa: E402
-from quantkernels.triton.conv2d import conv2d  # noqa: E402
+from quantkernels.triton.conv2d import conv2d, plan_conv2d  # noqa: E402
 from quantkernels.triton.linear import linear, linear_kernel, plan_linear  # noqa: E402
 from test_conv2d import CASES as CONV_CASES  # noqa: E402
 
@@ -203,13 +203,33 @@ def test_quantized_activation_integers_match_the_reference(dtype, rng):
     x[4, 6] = float("-inf")
     xq = torch.empty(6, 300, dtype=torch.int8, device=DEVICE)
     xs = torch.empty(6, device=DEVICE)
-    quantize_rows(x.to(DEVICE), xq, xs, 6, 300, x.stride(0), x.stride(1))()
+    for launch in quantize_rows(x.to(DEVICE), xq, xs, 6, 300, x.stride(0), x.stride(1)):
+        launch()
     xq, xs = xq.cpu(), xs.cpu()
     want_q, want_s = quantize_activation_per_token(x)
     finite = [0, 1, 2, 5]
     assert torch.equal(xq[finite].float(), want_q[finite]) and torch.equal(xs[finite], want_s[finite, 0])
     assert xq[2, :9].tolist() == [127, 2, 4, -2, -4, 0, 0, 2, 126]
     assert xs[[3, 4]].isnan().all() and (xq[[3, 4]] == 0).all()
+
+
+@NONFINITE_INPUTS
+def test_quantized_activation_rows_longer_than_a_chunk(rng):
+    """A row spans several programs (configs.QUANTIZE_CHUNK elements each): its scale comes from the largest
+    |x| in any chunk, here the last, partial one, and a NaN in one chunk zeroes the whole row."""
+    row_len = 2 * configs.QUANTIZE_CHUNK + 77
+    x = torch.randn(3, row_len, generator=rng)
+    x[0, -3] = 9.0
+    x[1, configs.QUANTIZE_CHUNK + 5] = float("nan")
+    xq = torch.full((3, row_len), 99, dtype=torch.int8, device=DEVICE)
+    xs = torch.full((3,), -1.0, device=DEVICE)
+    for launch in quantize_rows(x.to(DEVICE), xq, xs, 3, row_len, x.stride(0), x.stride(1)):
+        launch()
+    xq, xs = xq.cpu(), xs.cpu()
+    want_q, want_s = quantize_activation_per_token(x[[0, 2]])
+    assert xs[0] == 9.0 / 127
+    assert torch.equal(xq[[0, 2]].float(), want_q) and torch.equal(xs[[0, 2]], want_s[:, 0])
+    assert xs[1].isnan() and (xq[1] == 0).all()
 
 
 @pytest.mark.parametrize("act_int8", [False, True])
@@ -234,6 +254,39 @@ def test_conv2d_dtypes_and_memory_format(dtype, channels_last, act_int8, rng):
     qw = quantize_weight(torch.randn(16, 8, 3, 3, generator=rng), bits=4, group_size=32, symmetric=False)
     out = check_conv2d(4, x, qw, torch.randn(16, generator=rng), (3, 3), (1, 1), (1, 1), (1, 1), 1, act_int8)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+# Per-channel weights with at least configs.TAP_MAJOR_MIN_CHANNELS channels per group: K walked tap by tap (80
+# channels: a full 64-channel tile and a ragged one) for int8 weights and 16-bit or int8 activations;
+# channels_last 1x1 with float activations runs linear's kernel.
+MANY_CHANNEL_CASES = {
+    # name: (cin, cout, kernel, stride, padding, dilation, groups)
+    "3x3": (80, 20, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "1x1": (80, 20, (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    "3x2_strided_dilated": (80, 20, (3, 2), (2, 1), (1, 0), (2, 1), 1),
+    "groups2": (48, 18, (3, 3), (1, 1), (1, 1), (1, 1), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("act_int8", [False, True])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, False), (4, True)])
+@pytest.mark.parametrize("name", MANY_CHANNEL_CASES)
+def test_conv2d_per_channel_many_channels(name, bits, symmetric, act_int8, channels_last, dtype, rng):
+    cin, cout, kernel, stride, padding, dilation, groups = MANY_CHANNEL_CASES[name]
+    x = torch.randn(2, cin, 7, 9, generator=rng).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    qw = quantize_weight(torch.randn(cout, cin // groups, *kernel, generator=rng), bits=bits, symmetric=symmetric)
+    bias = torch.randn(cout, generator=rng)
+    args = (list(kernel), list(stride), list(padding), list(dilation), groups, act_int8)
+    _, launches = plan_conv2d(bits, x, qw.qdata, qw.scale, qw.zero_point, bias, *args)
+    as_gemm = name == "1x1" and channels_last and not act_int8
+    assert [launch.kernel.__name__ for launch in launches][-1] == ("linear_kernel" if as_gemm else "conv2d_kernel")
+    assert as_gemm or launches[-1].args["TAP_MAJOR"] == (bits == 8 and (act_int8 or dtype != torch.float32)
+                                                          and launches[-1].args["BLOCK_M"] != 64)
+    check_conv2d(bits, x, qw, bias, kernel, stride, padding, dilation, groups, act_int8)
 
 
 def check_conv2d(bits, x, qw, bias, kernel, stride, padding, dilation, groups, act_int8):
@@ -302,10 +355,10 @@ print(len(kernels))
 @pytest.mark.skipif(not INTERPRETED, reason="covered by running the ops on the GPU")
 def test_compile_traces_through_the_triton_kernels():
     """Under AOTAutograd (what torch.compile runs) a CUDA call becomes the Triton launches themselves:
-    linear_int4 at M=4 is a split-K kernel and its reduce, conv2d_int8 with int8 activations a quantize and
-    the conv kernel. CPU calls keep the op."""
+    linear_int4 at M=4 is a split-K kernel and its reduce, conv2d_int8 with int8 activations two quantize
+    launches (chunk maxima, codes) and the conv kernel. CPU calls keep the op."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split()[-1] == "4"
+    assert proc.stdout.split()[-1] == "5"

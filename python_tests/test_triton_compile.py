@@ -40,13 +40,14 @@ VARIANTS = (
     ("int4-asym-fp16", 4, False, "float16", 128, False),
     ("int4-sym-bf16", 4, False, "bfloat16", 128, True),
     ("int8-fp32", 8, False, "float32", None, True),
+    ("int8-bf16", 8, False, "bfloat16", None, True),
     ("w4a8", 4, True, "float16", 128, False),
     ("w8a8", 8, True, "bfloat16", 128, True),
 )
 # The smaller block_k a configuration runs with for small groups (configs.shipped_block_ks).
 SMALL_GROUP_VARIANT = "int4-asym-fp16"
 # Conv shares the contraction with linear; it compiles with one variant per MMA operand type but float16.
-CONV_VARIANTS = ("int4-sym-bf16", "int8-fp32", "w4a8")
+CONV_VARIANTS = ("int4-sym-bf16", "int8-fp32", "int8-bf16", "w4a8", "w8a8")
 
 
 def _stored_weight(torch, bits, n, k, group_size, symmetric):
@@ -89,12 +90,13 @@ def planned_launches():
         for label, bits, act_int8, dtype, group_size, symmetric in VARIANTS:
             if label not in CONV_VARIANTS:
                 continue
-            qweight, scale, zero = _stored_weight(torch, bits, 128, 64 * 9, group_size, symmetric)
-            x = torch.randn(1, 64, side, side, dtype=getattr(torch, dtype))
-            _, launches = plan_conv2d(bits, x, qweight, scale, zero, torch.randn(128), [3, 3], [1, 1], [1, 1],
-                                      [1, 1], 1, act_int8)
-            for launch in launches:
-                yield f"conv2d M={side * side} {label}", launch
+            for g in {group_size, None}:  # grouped: K in (c, r, s) order; per channel: tap-major where it applies
+                qweight, scale, zero = _stored_weight(torch, bits, 128, 64 * 9, g, symmetric)
+                x = torch.randn(1, 64, side, side, dtype=getattr(torch, dtype))
+                _, launches = plan_conv2d(bits, x, qweight, scale, zero, torch.randn(128), [3, 3], [1, 1], [1, 1],
+                                          [1, 1], 1, act_int8)
+                for launch in launches:
+                    yield f"conv2d M={side * side} {label} group={g}", launch
 
 
 _JOBS = []  # filled before the worker processes fork, so that kernels and tensors need no pickling
@@ -179,7 +181,8 @@ def test_every_configuration_compiles_for_both_archs(compiled):
                          if r["kernel"] == kernel and r["num_warps"] == config.num_warps}
                 for block_k in configs.shipped_block_ks(config):
                     assert (config.block_m, config.block_n, block_k) in tiles, (arch, kernel, config, block_k)
-        assert {"quantize_rows_kernel", "splitk_reduce_kernel"} <= {r["kernel"] for r in records}
+        elementwise = {"chunk_absmax_kernel", "quantize_chunk_kernel", "splitk_reduce_kernel"}
+        assert elementwise <= {r["kernel"] for r in records}
 
 
 def test_dot_kernels_use_tensor_cores(compiled):

@@ -30,6 +30,7 @@ class TileConfig:
     num_stages: int
     group_m: int = 8  # output tiles visited GROUP_M rows at a time, so W tiles are reused from L2
     split_k: bool = False  # may several programs share one output tile's K range (partials + a reduce)
+    tap_major: bool = True  # conv2d: may per-channel int8 weights walk K tap by tap (see tap_major below)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -53,10 +54,12 @@ class TileConfig:
 # Linear: (largest M, config), smallest first. M is the number of rows of x after flattening the batch dims.
 # Every configuration compiles without register spills on sm_80 and sm_90 (python_tests/test_triton_compile.py).
 LINEAR_CONFIGS = (
-    # M = 1, GEMV: one row, contracted with FMAs (a tensor-core tile would be 15/16 padding). A 32 x 128 int4
-    # tile is 2 KB of packed weight per iteration, 16 B per thread at 4 warps; 3 stages keep two more tiles
-    # in flight per program while one is reduced, ~2 MB across 512 programs: HBM latency x bandwidth.
-    (1, TileConfig(block_m=1, block_n=32, block_k=128, num_warps=4, num_stages=3, split_k=True)),
+    # M = 1, GEMV: one row, contracted with FMAs (a tensor-core tile would be 15/16 padding). A 64 x 128 int4
+    # tile is 4 KB of packed weight per iteration, 32 B per thread at 4 warps; 3 stages keep two more tiles
+    # in flight per program while one is reduced. Measured on an H100 (benchmarks/sweep_triton.py gemv,
+    # int4 g128, 4096x4096 / 11008x4096): 16.7 / 33.8 us against 17.1 / 40.7 for 32 x 128, the best of
+    # 12 tile shapes, warps and stages.
+    (1, TileConfig(block_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=True)),
     # M = 2..16, skinny: still weight-bound, but FMAs would cost 16x the M=1 work, so rows are padded to the
     # 16-row minimum of an MMA. 64 x 128 int4 is 4 KB of weight per iteration; x adds 16 x 128 x 2 B = 4 KB.
     (16, TileConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=True)),
@@ -73,9 +76,24 @@ LINEAR_CONFIGS = (
 # 64 x 64 tile runs 8 warps (32 elements per thread at 4 warps spilled).
 CONV2D_CONFIGS = (
     (16, TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)),
-    (64, TileConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3)),
+    (64, TileConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3, tap_major=False)),
     (math.inf, TileConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
 )
+
+# Per-channel int8 conv weights with at least this many input channels per group walk K tap by tap
+# (conv2d_kernel's TAP_MAJOR): fewer channels would leave most of each K tile empty (a 3-channel stem conv: 3
+# of 64).
+TAP_MAJOR_MIN_CHANNELS = 16
+
+
+def tap_major(config: TileConfig, bits: int, n_groups: int, channels: int, activation_bytes: int) -> bool:
+    """Whether conv2d_kernel walks K tap by tap. Not for int4 weights, float32 activations or the 64-row
+    configuration: beside the tap loop's pointers, int4's per-element nibble shifts, tf32x3's split operands
+    and the 64 x 64 tile at 8 warps each spilled registers on sm_80 (int4 per channel is rare for convs:
+    grouped int4 keeps the (c, r, s) walk)."""
+    return (config.tap_major and bits == 8 and n_groups == 1 and channels >= TAP_MAJOR_MIN_CHANNELS
+            and activation_bytes <= 2)
+
 
 # Split-K aims for this many programs: about 4 resident per SM on a 132-SM H100 (and 5 on a 108-SM A100),
 # enough loads in flight to stream weights at full bandwidth. A fixed number, so results do not depend on the
@@ -86,6 +104,9 @@ SPLIT_K_TARGET_PROGRAMS = 512
 # iteration, 8 per thread at 4 warps (two 16-byte fp32 vectors).
 ELEMENTWISE_BLOCK = 1024
 ELEMENTWISE_WARPS = 4
+# Dynamic int8 activations: elements of a row per program (8 iterations of ELEMENTWISE_BLOCK). A linear row
+# (K <= 8192) is one chunk; a ResNet-50 stage1 image (256 x 56 x 56) is 98.
+QUANTIZE_CHUNK = 8192
 
 
 def pick(configs, m: int) -> TileConfig:

@@ -96,18 +96,25 @@ def plan_linear(bits, act_int8, x, qweight, scale, zero_point, bias):
     if act_int8:
         xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
         x_scale = torch.empty(m, dtype=torch.float32, device=x.device)
-        launches.append(quantize_rows(x2, xq, x_scale, m, k, x2.stride(0), x2.stride(1)))
+        launches.extend(quantize_rows(x2, xq, x_scale, m, k, x2.stride(0), x2.stride(1)))
         x2 = xq
 
+    return out, launches + plan_matmul(bits, x2, x_scale, qweight, scale, zero_point, bias, out.view(m, n),
+                                       group_len)
+
+
+def plan_matmul(bits, x2, x_scale, qweight, scale, zero_point, bias, out2, group_len):
+    """``linear_kernel`` launches (and the split-K reduce) for ``out2 = (x2 @ W.T) * x_scale + bias``: x2 [m, k]
+    and out2 [m, n] with any strides, the weight tensors contiguous, bias float32 or None."""
+    (m, k), n = x2.shape, out2.shape[1]
     config = configs.pick(configs.LINEAR_CONFIGS, m).specialize(
         group_len, single_group=scale.shape[1] == 1, activation_bytes=x2.element_size())
     output_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     k_tiles = triton.cdiv(k, config.block_k)
     tiles_per_split = triton.cdiv(k_tiles, configs.split_k(config, output_tiles, k_tiles))
     splits = triton.cdiv(k_tiles, tiles_per_split)
-    out2 = out.view(m, n)
-    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out2.unsqueeze(0)
-    launches.append(Launch(
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if splits > 1 else out2.unsqueeze(0)
+    launches = [Launch(
         linear_kernel, (output_tiles, splits),
         dict(x_ptr=x2, x_scale_ptr=x_scale, w_ptr=qweight, scale_ptr=scale, zero_ptr=zero_point,
              bias_ptr=bias if splits == 1 else None, out_ptr=partial, m=m, n=n, k=k, stride_xm=x2.stride(0),
@@ -116,7 +123,7 @@ def plan_linear(bits, act_int8, x, qweight, scale, zero_point, bias):
              k_tiles_per_split=tiles_per_split, BITS=bits, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
              BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_STAGES=config.num_stages),
         num_warps=config.num_warps,
-    ))
+    )]
     if splits > 1:
         launches.append(Launch(
             splitk_reduce_kernel, (triton.cdiv(m * n, configs.ELEMENTWISE_BLOCK),),
@@ -124,7 +131,7 @@ def plan_linear(bits, act_int8, x, qweight, scale, zero_point, bias):
                  BLOCK=configs.ELEMENTWISE_BLOCK),
             num_warps=configs.ELEMENTWISE_WARPS,
         ))
-    return out, launches
+    return launches
 
 
 def linear(bits, act_int8, x, qweight, scale, zero_point=None, bias=None):
