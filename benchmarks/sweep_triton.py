@@ -1,8 +1,8 @@
 """Tile-configuration sweeps of the Triton kernels on a CUDA GPU, to choose configs.py's entries from
 measurements: ``python -m benchmarks.sweep_triton [gemv|skinny|conv] ... > sweep.txt``.
 
-Timing as in test_triton_linear.py: one call per weight copy (copies several times the L2) captured in a CUDA
-graph and replayed; the median of 5 replays of 10, in microseconds per call. Baselines (cuBLAS bf16,
+Timing as in test_triton_linear.py (cuda_graphs.py: CUDA-graph replays over weight copies five times an H100's
+L2); the median of 5 timings of 10 replays, in microseconds per call. Baselines (cuBLAS bf16,
 tinygemm's ``_weight_int4pack_mm``, cuDNN bf16) are timed in the same process.
 """
 
@@ -20,29 +20,13 @@ import quantkernels  # noqa: F401  (registers the CUDA kernels)
 from quantkernels.formats import quantize_weight, unpack_int4
 from quantkernels.triton import configs
 
-STREAMED_BYTES = 256 * 2**20
-
+from .cuda_graphs import capture, seconds_per_call, weight_copies
 
 def time_us(make_call, bytes_per_copy):
-    """Median microseconds per call over weight copies totalling STREAMED_BYTES (at most 64 copies)."""
-    calls = [make_call() for _ in range(max(1, min(64, math.ceil(STREAMED_BYTES / bytes_per_copy))))]
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    samples = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / 10 / len(calls))
-    return statistics.median(samples)
+    """Median microseconds per call of 5 timings of 10 graph replays (cuda_graphs)."""
+    calls = weight_copies(bytes_per_copy, make_call)
+    graph = capture(calls)
+    return statistics.median(seconds_per_call(graph, len(calls), replays=10) for _ in range(5)) * 1e6
 
 
 def int4_weight(n, k, group_size=128, symmetric=True):

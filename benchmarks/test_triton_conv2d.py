@@ -1,9 +1,8 @@
 """int8 conv2d on a CUDA GPU: quant::conv2d_int8 (Triton implicit GEMM) beside cuDNN's bf16 and fp16
 ``F.conv2d``, NCHW and channels_last, on the ResNet-50 layers of issue 6 at batch 8 and 32.
 
-Self-contained, measured like test_triton_linear.py: one call per weight copy captured in a CUDA graph and
-replayed (no Python launch overhead), the copies together several times the L2 (50 MB on H100) so each call
-reads its weight from HBM. ``extra_info`` records microseconds per call, TFLOP/s and the speedup over cuDNN bf16
+Timed like test_triton_linear.py (cuda_graphs.py: CUDA-graph replays over weight copies five times an H100's
+L2). ``extra_info`` records microseconds per call, TFLOP/s and the speedup over cuDNN bf16
 in the same memory format. No target: issue 6 sets speed targets for the CPU kernels only.
 
     python -m pytest benchmarks/test_triton_conv2d.py --benchmark-only --benchmark-columns=median
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import benchmark_calls, capture, seconds_per_call, weight_copies
 from .shapes import CONV_SHAPES
 
 pytestmark = [
@@ -30,7 +30,6 @@ pytestmark = [
 
 SHAPES = [shape for shape in CONV_SHAPES if shape.name.startswith("resnet50")]
 BATCHES = [8, 32]
-STREAMED_BYTES = 256 * 2**20
 # quant_w8a8: int8 weights and dynamic int8 activations (one scale per image, int8 tensor cores);
 # quant_w8_bf16: int8 weights, bf16 activations (bf16 tensor cores).
 IMPLEMENTATIONS = ["quant_w8a8", "quant_w8_bf16", "bf16_cudnn", "fp16_cudnn"]
@@ -55,7 +54,7 @@ def _calls(impl, shape, batch, channels_last):
         qw = quantize_weight(w.cpu(), bits=8)
         make = lambda: (qw.qdata.cuda(), qw.scale.cuda())  # noqa: E731
         bytes_per_copy = qw.nbytes()
-    copies = [make() for _ in range(max(1, min(64, math.ceil(STREAMED_BYTES / bytes_per_copy))))]
+    copies = weight_copies(bytes_per_copy, make)
     pad = shape.padding
     if impl.endswith("cudnn"):
         return [lambda wc=wc: F.conv2d(x, wc, None, shape.stride, pad) for wc in copies]
@@ -65,46 +64,15 @@ def _calls(impl, shape, batch, channels_last):
             for q, s in copies]
 
 
-def _graph(calls):
-    for call in calls:  # warm-up: compiles the Triton kernels, lets cuDNN pick its algorithm
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return graph
-
-
-def _seconds_per_call(graph, n_calls, replays=20) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays / n_calls
-
-
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id())
 def test_conv2d(benchmark, impl, channels_last, batch, shape):
     torch.backends.cudnn.benchmark = True
-    calls = _calls(impl, shape, batch, channels_last)
-    graph = _graph(calls)
-
-    def replay():
-        graph.replay()
-        torch.cuda.synchronize()
-
     benchmark.group = f"conv2d {shape.id()} batch {batch} {'channels_last' if channels_last else 'nchw'}"
-    benchmark.pedantic(replay, rounds=10, warmup_rounds=1)
-    seconds = _seconds_per_call(graph, len(calls))
-    benchmark.extra_info.update(us_per_call=seconds * 1e6, tflops=shape.flops(batch) / seconds / 1e12,
-                                weight_copies=len(calls))
+    seconds = benchmark_calls(benchmark, _calls(impl, shape, batch, channels_last))
+    benchmark.extra_info["tflops"] = shape.flops(batch) / seconds / 1e12
     if impl.startswith("quant"):
         bf16_calls = _calls("bf16_cudnn", shape, batch, channels_last)
-        benchmark.extra_info["speedup_vs_bf16"] = _seconds_per_call(_graph(bf16_calls), len(bf16_calls)) / seconds
+        benchmark.extra_info["speedup_vs_bf16"] = seconds_per_call(capture(bf16_calls), len(bf16_calls)) / seconds

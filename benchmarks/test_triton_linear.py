@@ -1,10 +1,9 @@
 """int4 weight-only linear on a CUDA GPU: quant::linear_int4 (Triton) beside bf16 and fp16 F.linear (cuBLAS)
 and torch's own int4 kernel (``_weight_int4pack_mm``, tinygemm), at decode sizes M = 1..16.
 
-Self-contained. Each measurement captures one call per weight copy in a CUDA graph and replays it: the graph
-removes Python launch overhead (the kernels are what is compared), and cycling through copies that together
-exceed the L2 cache (50 MB on H100) makes every call stream its weight from HBM, as in a real model.
-``extra_info`` records microseconds per call, weight GB/s and the speedup over bf16 cuBLAS.
+Timed with cuda_graphs.py: one call per weight copy captured in a CUDA graph and replayed (no Python launch
+overhead: the kernels are what is compared), the copies together five times an H100's L2 so that every call
+streams its weight from HBM, as in a real model. ``extra_info`` records microseconds per call, weight GB/s and the speedup over bf16 cuBLAS.
 
 Targets: int4 at M = 1..16 at least 3x faster than bf16 cuBLAS, and never slower at M = 1 (asserted below).
 
@@ -21,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import benchmark_calls, capture, seconds_per_call, weight_copies
+
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the Triton kernels run only on one"),
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed"),
@@ -31,14 +32,8 @@ pytestmark = [
 SHAPES = [(4096, 4096), (11008, 4096)]  # (N, K): Llama-7B attention and MLP projections
 MS = [1, 2, 4, 8, 16]
 GROUP_SIZE = 128
-STREAMED_BYTES = 256 * 2**20  # weight copies per measurement add up to at least this: 5x an H100's L2
 IMPLEMENTATIONS = ["quant_int4", "bf16_cublas", "fp16_cublas", "int4pack_mm"]
 TARGET_SPEEDUP = 3.0
-
-
-def _weight_copies(n, k, bytes_per_copy, make):
-    copies = max(1, min(64, math.ceil(STREAMED_BYTES / bytes_per_copy)))
-    return [make() for _ in range(copies)]
 
 
 def _calls(impl, m, n, k):
@@ -50,13 +45,13 @@ def _calls(impl, m, n, k):
     if impl in ("bf16_cublas", "fp16_cublas"):
         dtype = torch.bfloat16 if impl == "bf16_cublas" else torch.float16
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        weights = _weight_copies(n, k, n * k * 2, lambda: w.to(dtype))
+        weights = weight_copies(n * k * 2, lambda: w.to(dtype))
         return [lambda wc=wc: F.linear(x, wc) for wc in weights], n * k * 2
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     qw = quantize_weight(w, bits=4, group_size=GROUP_SIZE, symmetric=True)
     if impl == "quant_int4":
-        weights = _weight_copies(n, k, qw.nbytes(), lambda: (qw.qdata.clone(), qw.scale.clone()))
+        weights = weight_copies(qw.nbytes(), lambda: (qw.qdata.clone(), qw.scale.clone()))
         return [lambda q=q, s=s: torch.ops.quant.linear_int4(x, q, s, None, None) for q, s in weights], qw.nbytes()
 
     # tinygemm wants element 2j in the high nibble and (code - 8) * scale + zero with a float zero (0 here).
@@ -67,30 +62,8 @@ def _calls(impl, m, n, k):
     def pack():
         return torch._convert_weight_to_int4pack(tinygemm_bytes, 8), scales_and_zeros.clone()
 
-    weights = _weight_copies(n, k, qw.nbytes(), pack)
+    weights = weight_copies(qw.nbytes(), pack)
     return [lambda p=p, sz=sz: torch._weight_int4pack_mm(x, p, GROUP_SIZE, sz) for p, sz in weights], qw.nbytes()
-
-
-def _graph(calls):
-    for call in calls:  # warm-up: compiles the Triton kernels, settles cuBLAS's heuristics
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return graph
-
-
-def _seconds_per_call(graph, n_calls, replays=20) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays / n_calls
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -98,20 +71,12 @@ def _seconds_per_call(graph, n_calls, replays=20) -> float:
 @pytest.mark.parametrize("n,k", SHAPES, ids=lambda v: str(v))
 def test_int4_linear(benchmark, impl, m, n, k):
     calls, weight_bytes = _calls(impl, m, n, k)
-    graph = _graph(calls)
-
-    def replay():
-        graph.replay()
-        torch.cuda.synchronize()
-
     benchmark.group = f"linear M={m} N={n} K={k}"
-    benchmark.pedantic(replay, rounds=10, warmup_rounds=1)
-    seconds = _seconds_per_call(graph, len(calls))
-    benchmark.extra_info.update(us_per_call=seconds * 1e6, weight_gb_per_s=weight_bytes / seconds / 1e9,
-                                weight_copies=len(calls))
+    seconds = benchmark_calls(benchmark, calls)
+    benchmark.extra_info["weight_gb_per_s"] = weight_bytes / seconds / 1e9
     if impl == "quant_int4":
         bf16_calls, _ = _calls("bf16_cublas", m, n, k)
-        speedup = _seconds_per_call(_graph(bf16_calls), len(bf16_calls)) / seconds
+        speedup = seconds_per_call(capture(bf16_calls), len(bf16_calls)) / seconds
         benchmark.extra_info.update(speedup_vs_bf16=speedup, meets_3x_target=speedup >= TARGET_SPEEDUP)
 
 
@@ -120,7 +85,7 @@ def test_int4_never_slower_than_bf16_at_m1(n, k):
     best = {}
     for impl in ("bf16_cublas", "quant_int4"):
         calls, _ = _calls(impl, 1, n, k)
-        graph = _graph(calls)
-        best[impl] = min(_seconds_per_call(graph, len(calls)) for _ in range(3))
+        graph = capture(calls)
+        best[impl] = min(seconds_per_call(graph, len(calls)) for _ in range(3))
     bf16, int4 = best["bf16_cublas"], best["quant_int4"]
     assert int4 <= bf16, f"int4 {int4 * 1e6:.1f} us per call, bf16 cuBLAS {bf16 * 1e6:.1f} us"
