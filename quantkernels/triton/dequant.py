@@ -19,11 +19,7 @@ def load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_
 
     int8: ``w_ptr`` int8 [n][k_pad]. int4: ``w_ptr`` uint8 [n][k_pad / 2], byte j holding element 2j in its
     low nibble and 2j + 1 in its high nibble, with ``zero_ptr`` uint8 [n][n_groups] or None (symmetric: 8).
-    Rows are contiguous (the plans make them so): ``stride_wn`` bytes, the whole stored row, bound the loads.
-    Columns k .. k_pad - 1 hold padding, whose codes dequantize to exactly zero; the callers mask the
-    activation there too. A bound of ``(k + 1) // 2`` bytes compiled to one-byte loads, 32 per thread and
-    tile at M = 1 (sm_90 SASS): the compiler cannot tell that it is a multiple of 16, as it can a stride.
-    Rows >= n read as zero codes.
+    Rows >= n and columns >= k read as zero codes (callers mask the activation there too).
     """
     n_mask = offs_n < n
     group = k0 // group_len
@@ -31,12 +27,12 @@ def load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, k0, n, k, stride_wn, n_
     if BITS == 8:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         q = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=n_mask[:, None] & (offs_k[None, :] < stride_wn), other=0)
+                    mask=n_mask[:, None] & (offs_k[None, :] < k), other=0)
     else:
         # One byte per pair of columns: unpack both nibbles and interleave them back into column order.
         offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_byte[None, :],
-                         mask=n_mask[:, None] & (offs_byte[None, :] < stride_wn), other=0)
+                         mask=n_mask[:, None] & (offs_byte[None, :] < (k + 1) // 2), other=0)
         codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.int8)
         if zero_ptr is None:
             q = codes - INT4_SYMMETRIC_ZERO
