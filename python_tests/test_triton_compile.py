@@ -46,7 +46,8 @@ VARIANTS = (
 )
 # The smaller block_k a configuration runs with for small groups (configs.shipped_block_ks).
 SMALL_GROUP_VARIANT = "int4-asym-fp16"
-# Conv shares the contraction with linear; it compiles with one variant per MMA operand type but float16.
+# Conv shares the contraction with linear; it compiles with one variant per MMA operand type but float16, and
+# int8 weights with bf16 and with int8 activations for its tap-major K walk.
 CONV_VARIANTS = ("int4-sym-bf16", "int8-fp32", "int8-bf16", "w4a8", "w8a8")
 
 
@@ -90,7 +91,7 @@ def planned_launches():
         for label, bits, act_int8, dtype, group_size, symmetric in VARIANTS:
             if label not in CONV_VARIANTS:
                 continue
-            for g in {group_size, None}:  # grouped: K in (c, r, s) order; per channel: tap-major where it applies
+            for g in dict.fromkeys((group_size, None)):  # grouped: (c, r, s) K walk; per channel: tap-major too
                 qweight, scale, zero = _stored_weight(torch, bits, 128, 64 * 9, g, symmetric)
                 x = torch.randn(1, 64, side, side, dtype=getattr(torch, dtype))
                 _, launches = plan_conv2d(bits, x, qweight, scale, zero, torch.randn(128), [3, 3], [1, 1], [1, 1],
