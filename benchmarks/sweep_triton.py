@@ -29,15 +29,12 @@ def time_us(make_call, bytes_per_copy):
     return statistics.median(seconds_per_call(graph, len(calls), replays=10) for _ in range(5)) * 1e6
 
 
-def int4_weight(n, k, group_size=128, symmetric=True):
-    return quantize_weight(torch.randn(n, k) / math.sqrt(k), bits=4, group_size=group_size, symmetric=symmetric)
-
-
 def baselines(m, n, k, group_size=128):
+    """bf16 cuBLAS and tinygemm (torch's ``_weight_int4pack_mm``, int4 g``group_size``) at M x N x K, in us."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     result = {"bf16_cublas": time_us(lambda: (lambda wc=w.clone(): F.linear(x, wc)), n * k * 2)}
-    qw = int4_weight(n, k, group_size)
+    qw = quantize_weight(torch.randn(n, k) / math.sqrt(k), bits=4, group_size=group_size)
     codes = unpack_int4(qw.qdata).to(torch.uint8)
     packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous().cuda()
     sz = torch.stack([qw.scale.T, torch.zeros_like(qw.scale.T)], dim=-1).to(torch.bfloat16).contiguous().cuda()
