@@ -11,6 +11,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 py=python3
+parallel=$($py -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist where installed
 
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
@@ -30,11 +31,11 @@ fi
 
 case "${1:-test}" in
   test)
-    $py -m pytest -q -n 8 -p no:cacheprovider python_tests/test_triton.py 2>&1 | tee "$out/test_triton.log" | tail -25
+    $py -m pytest -q $parallel -p no:cacheprovider python_tests/test_triton.py 2>&1 | tee "$out/test_triton.log" | tail -25
     ;;
   amx)
     if grep -q -w amx_int8 /proc/cpuinfo; then
-      $py -m pytest -q -n 8 -p no:cacheprovider python_tests/test_conv2d.py python_tests/test_linear.py 2>&1 |
+      $py -m pytest -q $parallel -p no:cacheprovider python_tests/test_conv2d.py python_tests/test_linear.py 2>&1 |
         tee "$out/test_cpu_amx.log" | tail -15
     fi
     ;;
