@@ -3,7 +3,8 @@ and torch's own int4 kernel (``_weight_int4pack_mm``, tinygemm), at decode sizes
 
 Timed with cuda_graphs.py: one call per weight copy captured in a CUDA graph and replayed (no Python launch
 overhead: the kernels are what is compared), the copies together five times an H100's L2 so that every call
-streams its weight from HBM, as in a real model. ``extra_info`` records microseconds per call, weight GB/s and the speedup over bf16 cuBLAS.
+streams its weight from HBM, as in a real model. ``extra_info`` records microseconds per call, weight GB/s and
+the speedup over bf16 cuBLAS.
 
 Targets: int4 at M = 1..16 at least 3x faster than bf16 cuBLAS, and never slower at M = 1 (asserted below).
 

@@ -5,9 +5,9 @@
 //   stride 1, one group, int8 activations, on AMX or AVX-512 VNNI: the planar product (amx::planar_a8,
 //     avx512::planar_a8: output channels x pixels, the activations quantized in quads of channels, each tap's B
 //     rows a shifted copy of those planes); NCHW input and output are never transposed, NHWC output is stored
-//     as pixel rows by the epilogue or transposed chunk by chunk from cache; on VNNI small images' pixels share chunks, so that 7x7 images do not
-//     leave a quarter of the lanes idle; an unpadded strided 1x1 conv on NCHW likewise, on the pixels it reads
-//     (ConvKernels::subsample) with the whole images' scales;
+//     as pixel rows by the epilogue or transposed chunk by chunk from cache; on VNNI small images' pixels share
+//     chunks, so that 7x7 images do not leave a quarter of the lanes idle; an unpadded strided 1x1 conv on NCHW
+//     likewise, on the pixels it reads (ConvKernels::subsample) with the whole images' scales;
 //   1x1, stride 1, no padding, one group: the NHWC activation is the GEMM input as it stands;
 //   otherwise im2col, a band of output pixels at a time, into the linear kernels (kernels.h), one GEMM per group.
 //
