@@ -308,12 +308,22 @@ class Bench:
         )
 
 
+def target_marks(targets_by_impl: dict, impl: str) -> list:
+    """[pytest.mark.targets] for a case whose benchmark a target in its group reads: one with targets of its own,
+    or the baseline one of them is measured against. targets_by_impl: each implementation's targets in the
+    group."""
+    read = {t.vs for targets in targets_by_impl.values() for t in targets}
+    return [pytest.mark.targets] if targets_by_impl.get(impl) or impl in read else []
+
+
 @pytest.fixture
 def bench(benchmark, weight_copies, memory_bandwidth, settled_allocator, request):
     return Bench(benchmark, weight_copies, memory_bandwidth, request.config)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "targets: a benchmark an issue's speed target reads (ours or its baseline); "
+                            "`-m targets` runs just those")
     # torch.ao.quantization warns of its deprecation on every module and quantized tensor the baselines build;
     # the baselines are there because users still run them.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:torch.ao")

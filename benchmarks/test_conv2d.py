@@ -19,7 +19,7 @@ import quantkernels
 from quantkernels import reference
 from quantkernels.formats import QuantizedWeight, quantize_weight
 
-from .conftest import Target, clone_tensors
+from .conftest import Target, clone_tensors, target_marks
 from .shapes import CONV_BATCHES, CONV_SHAPES, ConvShape
 from .test_linear import BF16_REL_TOL, FP32_REL_TOL, tensor_bytes
 
@@ -202,7 +202,8 @@ def layer_kind(shape: ConvShape) -> str:
 # Ordered layer, then implementation, then batch: consecutive cases share one weight and its rotated copies
 # (implementations with the same weights are listed side by side for the same reason).
 CASES = [
-    pytest.param(shape, impl, batch, id=f"{shape.id().replace(' ', '_')}-{impl.name.replace(' ', '_')}-b{batch}")
+    pytest.param(shape, impl, batch, id=f"{shape.id().replace(' ', '_')}-{impl.name.replace(' ', '_')}-b{batch}",
+                 marks=target_marks({i.name: conv_targets(i, shape, batch) for i in CONV_IMPLS}, impl.name))
     for shape in CONV_SHAPES
     for impl in CONV_IMPLS
     for batch in CONV_BATCHES

@@ -20,7 +20,7 @@ import quantkernels
 from quantkernels import reference
 from quantkernels.formats import QuantizedWeight, quantize_weight, unpack_int4
 
-from .conftest import Target, clone_tensors
+from .conftest import Target, clone_tensors, target_marks
 from .shapes import ACT_INT8_MS, LINEAR_MS, LINEAR_SHAPES
 
 INT4_GROUP = 128
@@ -220,7 +220,8 @@ def float_weight(n: int, k: int) -> torch.Tensor:
 # Ordered shape, then implementation, then M: consecutive cases share one weight and its rotated copies
 # (implementations with the same weights are listed side by side for the same reason).
 CASES = [
-    pytest.param(shape, impl, m, id=f"{shape[0]}x{shape[1]}-{impl.name.replace(' ', '_')}-M{m}")
+    pytest.param(shape, impl, m, id=f"{shape[0]}x{shape[1]}-{impl.name.replace(' ', '_')}-M{m}",
+                 marks=target_marks({i.name: LINEAR_TARGETS.get((i.name, m), ()) for i in LINEAR_IMPLS}, impl.name))
     for shape in LINEAR_SHAPES
     for impl in LINEAR_IMPLS
     for m in impl.ms
