@@ -12,11 +12,12 @@ noise cannot settle (the target inside the figure's quartile range) is marked "w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 KIND_TITLES = {"linear": "Linear", "conv2d": "Conv2d", "e2e": "End to end"}
 # The baseline every linear speedup is also plotted against.
@@ -122,11 +123,32 @@ def verdict(met: bool, range_meets: tuple) -> str:
     return "met, within noise" if met else "**MISS**, within noise"
 
 
-def target_rows(run: Run) -> list:
-    rows = []
+@dataclasses.dataclass
+class TargetCheck:
+    """One target of one benchmark in one run: measured is None where the run lacks the baseline."""
+    issue: str
+    group: str
+    impl: str
+    want: str
+    meets: Callable[[float], bool]
+    measured: Optional[float]
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    @property
+    def key(self):
+        return self.issue, self.group, self.impl, self.want
+
+    def status(self) -> str:
+        if self.measured is None:
+            return "no baseline in run"
+        return verdict(self.meets(self.measured), (self.meets(self.low), self.meets(self.high)))
+
+
+def target_checks(run: Run) -> list:
+    checks = []
     for b in run.benchmarks:
         for t in b["extra_info"].get("targets", []):
-            where = b["group"]
             if t["vs"] == "floor":
                 measured, baseline = b["extra_info"].get("floor_ratio"), None
                 want = f"≤ {t['max_floor_ratio']:g}× memory floor"
@@ -135,29 +157,60 @@ def target_rows(run: Run) -> list:
                 measured, baseline = run.speedup(b, t["vs"]), run.by_group[b["group"]].get(t["vs"])
                 want = f"≥ {t['min_speedup']:g}× {t['vs']}"
                 meets = lambda x, t=t: x >= t["min_speedup"]
-            if measured is None:
-                rows.append((t.get("issue", ""), where, b["extra_info"]["impl"], want, "—", "—", "no baseline in run"))
-                continue
-            low, high = quartile_range(b, baseline, measured)
-            status = verdict(meets(measured), (meets(low), meets(high)))
-            rows.append((t.get("issue", ""), where, b["extra_info"]["impl"], want, fmt_ratio(measured),
-                         f"{low:.2f}-{high:.2f}×", status))
-    return rows
+            check = TargetCheck(str(t.get("issue", "")), b["group"], b["extra_info"]["impl"], want, meets, measured)
+            if measured is not None:
+                check.low, check.high = quartile_range(b, baseline, measured)
+            checks.append(check)
+    return checks
 
 
 def targets_section(run: Run) -> list:
-    rows = target_rows(run)
-    if not rows:
+    checks = target_checks(run)
+    if not checks:
         return []
-    met = sum(r[-1].startswith("met") for r in rows)
-    unclear = sum(r[-1].endswith("within noise") for r in rows)
-    lines = ["", f"## Targets ({met} of {len(rows)} met; {unclear} within noise of their line)", "",
+    statuses = [c.status() for c in checks]
+    met = sum(s.startswith("met") for s in statuses)
+    unclear = sum(s.endswith("within noise") for s in statuses)
+    lines = ["", f"## Targets ({met} of {len(checks)} met; {unclear} within noise of their line)", "",
              "A target is within noise where the quartile range (the measured figure recomputed from the "
              "interquartile ranges of the benchmarks behind it) has the target inside: this run cannot tell it "
              "from the line.", "",
              "| issue | benchmark | ours | target | measured | quartile range | |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
+    for c, status in zip(checks, statuses):
+        spread = "—" if c.measured is None else f"{c.low:.2f}-{c.high:.2f}×"
+        lines.append(f"| {c.issue} | {c.group} | {c.impl} | {c.want} | {fmt_ratio(c.measured)} | {spread} | {status} |")
+    return lines
+
+
+def targets_across_runs(runs: list) -> list:
+    """Each target's figure in every run and their median, the verdict taken on the median: on a shared host a
+    run can lose a CPU for a whole benchmark, which a single run's verdict cannot tell from a slow kernel."""
+    by_key = {}
+    for i, run in enumerate(runs):
+        for c in target_checks(run):
+            by_key.setdefault(c.key, [None] * len(runs))[i] = c
+    lines = ["", f"## Targets over {len(runs)} runs", "",
+             "The median of the runs' figures decides; \"runs disagree\" where some runs meet the target and "
+             "others miss it.", "",
+             "| issue | benchmark | ours | target | " + " | ".join(f"run {i + 1}" for i in range(len(runs)))
+             + " | median | |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in runs) + " | --- | --- |"]
+    met = disagree = 0
+    for key, checks in by_key.items():
+        figures = [c.measured for c in checks if c is not None and c.measured is not None]
+        meets = next(c.meets for c in checks if c is not None)
+        median = statistics.median(figures) if figures else None
+        if median is None:
+            status = "no baseline in any run"
+        else:
+            status = "met" if meets(median) else "**MISS**"
+            met += meets(median)
+            if len({meets(f) for f in figures}) > 1:
+                status += ", runs disagree"
+                disagree += 1
+        cells = [fmt_ratio(c.measured if c is not None else None) for c in checks]
+        lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} | {fmt_ratio(median)} | {status} |")
+    lines[1] += f" ({met} of {len(by_key)} met on the median; the runs disagree on {disagree})"
     return lines
 
 
@@ -268,17 +321,26 @@ def plot(run: Run, path: pathlib.Path) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=pathlib.Path, help="pytest-benchmark output (--benchmark-json)")
+    parser.add_argument("json", type=pathlib.Path, nargs="+",
+                        help="pytest-benchmark output (--benchmark-json); several runs: their targets side by side, "
+                             "then each run's report")
     parser.add_argument("--markdown", type=pathlib.Path, help="where to write the table (default: JSON's .md)")
     parser.add_argument("--plot", type=pathlib.Path, help="where to write the plot (default: JSON's .png)")
     args = parser.parse_args(argv)
-    run = Run(json.loads(args.json.read_text()))
-    if not run.benchmarks:
-        parser.error(f"{args.json}: no quantkernels benchmarks with timings (was it run with --benchmark-disable?)")
-    md_path = args.markdown or args.json.with_suffix(".md")
-    png_path = args.plot or args.json.with_suffix(".png")
-    text = markdown(run)
-    plotted = plot(run, png_path)
+    runs = []
+    for path in args.json:
+        runs.append(Run(json.loads(path.read_text())))
+        if not runs[-1].benchmarks:
+            parser.error(f"{path}: no quantkernels benchmarks with timings (was it run with --benchmark-disable?)")
+    md_path = args.markdown or args.json[-1].with_suffix(".md")
+    png_path = args.plot or args.json[-1].with_suffix(".png")
+    if len(runs) == 1:
+        text = markdown(runs[0])
+    else:
+        text = "\n".join(["# quantkernels benchmark report: several runs"] + targets_across_runs(runs)) + "\n"
+        for i, run in enumerate(runs, 1):
+            text += f"\n# Run {i}: {args.json[i - 1].name}\n\n" + markdown(run).split("\n", 2)[2]
+    plotted = plot(runs[-1], png_path)
     if plotted:
         text += f"\n![linear speedup against M]({png_path.name})\n"
     md_path.write_text(text)

@@ -1,7 +1,7 @@
 """The report's target verdicts on a made-up run: met or missed by the medians, and "within noise" only where the
 quartile range has the target inside."""
 
-from benchmarks.report import Run, targets_section
+from benchmarks.report import Run, targets_across_runs, targets_section
 
 
 def bench(group, impl, median, spread, targets=(), **extra):
@@ -46,3 +46,20 @@ def test_heading_counts():
     lines = targets_section(run)
     assert lines[1] == "## Targets (2 of 3 met; 1 within noise of their line)"
     assert lines[-1].endswith("| — | — | no baseline in run |")
+
+
+def test_targets_across_runs():
+    def run(ours_median):
+        return Run(dict(benchmarks=[
+            bench("g", "base", 3.0, 0.01),
+            bench("g", "ours", ours_median, 0.01, targets=[dict(vs="base", min_speedup=3.0, issue=6)]),
+        ]))
+
+    # 3.75x, 3.33x, 2.5x (a run that lost a CPU): met on the median 3.33x, and the runs disagree.
+    lines = targets_across_runs([run(0.8), run(0.9), run(1.2)])
+    assert lines[1] == "## Targets over 3 runs (1 of 1 met on the median; the runs disagree on 1)"
+    assert lines[-1].endswith("| 3.75× | 3.33× | 2.50× | 3.33× | met, runs disagree |")
+    # Two runs of three below the line: missed on the median.
+    lines = targets_across_runs([run(0.8), run(1.1), run(1.2)])
+    assert lines[1] == "## Targets over 3 runs (0 of 1 met on the median; the runs disagree on 1)"
+    assert lines[-1].endswith("| 2.73× | **MISS**, runs disagree |")
