@@ -483,7 +483,13 @@ def test_convert_qat_matches_the_fake_quantized_model(fields, rng):
         testing.assert_close_to_reference(layer(x), want64, bound, torch.float32, act_int8=config.act_int8)
     with torch.no_grad():
         got = converted(batches[0])
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # Weight-only, both models make the same products in float32 and agree to rounding (3e-7 of the largest
+    # output at worst over 150 seeds). With int8 activations a layer's float32 output, summed in another order
+    # by our kernels than by the fake-quantized model's F.conv2d / F.linear, can move the next layer's codes (its
+    # absmax, so its scale, or a value on a rounding boundary) by one step: over 150 seeds 3 % of the runs differed
+    # by more than 1e-4 of the largest output, at worst 2e-3; one step of an int8 grid is 1/127.
+    tolerance = 1 / 127 if config.act_int8 else 1e-4
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 
 def test_convert_qat_needs_qat_layers():
