@@ -6,7 +6,7 @@ process, so that both see the same host (a vCPU taken away for a second, a busy 
 
 A block makes two untimed calls (they bring the input and the kernel's state into cache, as back-to-back
 benchmark rounds find them) and then ``calls`` timed ones, each on the next of the implementation's weight copies
-(rotated as in the benchmarks, over copies totalling 4x the L3, at most ``--copies``); its median is kept. Each
+(as many as the benchmarks rotate over, at most ``--copies``); its median is kept. Each
 pair of blocks, ours and the baseline's (which goes first alternates), gives one ratio baseline / ours; the
 verdict is on the median ratio, "within noise" where the ratios' quartiles have the target between them.
 """
@@ -22,16 +22,17 @@ import warnings
 
 import torch
 
-from .conftest import cpu_model, l3_bytes, settle_allocator
-from .report import verdict
+from .conftest import ROTATION_BYTES, cpu_model, settle_allocator
+from .report import target_test, verdict
 from .shapes import CONV_BATCHES, CONV_SHAPES
 from .test_conv2d import CONV_IMPLS, ConvImpl, conv_targets, float_weight, make_input
 
 
 def weight_turns(impl: ConvImpl, shape, w: torch.Tensor, x: torch.Tensor, most: int):
-    """An endless turn over the implementation's weight copies."""
+    """An endless turn over the implementation's weight copies: as many as the benchmarks rotate over, at most
+    ``most``."""
     state = impl.make(w, shape, x.float())
-    count = max(1, min(most, math.ceil(4 * max(l3_bytes(), 1 << 20) / max(1, impl.weight_bytes(state)))))
+    count = max(1, min(most, math.ceil(ROTATION_BYTES / max(1, impl.weight_bytes(state)))))
     return itertools.cycle([state] + [impl.copy(state, shape) for _ in range(count - 1)])
 
 
@@ -82,14 +83,14 @@ def main(argv=None):
     print("| --- | ---: | --- | --- | --- | --- | --- |")
     for shape, batch, impl in itertools.product(CONV_SHAPES, CONV_BATCHES, CONV_IMPLS):
         for target in conv_targets(impl, shape, batch):
-            want = f"≥ {target.min_speedup:g}× {target.vs}"
+            want, meets = target_test(target.as_dict())
             row = f"| {shape.id()} | {batch} | {impl.name} | {want} |"
             if args.k not in row:
                 continue
             ratios = paired_ratios(impl, by_name[target.vs], shape, batch, args.blocks, args.calls, args.copies)
             median = statistics.median(ratios)
             q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (median,) * 3
-            status = verdict(median >= target.min_speedup, (q1 >= target.min_speedup, q3 >= target.min_speedup))
+            status = verdict(meets(median), (meets(q1), meets(q3)))
             print(f"{row} {median:.2f}× | {q1:.2f}-{q3:.2f}× | {status} |", flush=True)
 
 

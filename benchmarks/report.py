@@ -145,18 +145,22 @@ class TargetCheck:
         return verdict(self.meets(self.measured), (self.meets(self.low), self.meets(self.high)))
 
 
+def target_test(t: dict):
+    """A target (``Target.as_dict()``) as its text and its test of a measured figure."""
+    if t["vs"] == "floor":
+        return f"≤ {t['max_floor_ratio']:g}× memory floor", lambda x: x <= t["max_floor_ratio"]
+    return f"≥ {t['min_speedup']:g}× {t['vs']}", lambda x: x >= t["min_speedup"]
+
+
 def target_checks(run: Run) -> list:
     checks = []
     for b in run.benchmarks:
         for t in b["extra_info"].get("targets", []):
             if t["vs"] == "floor":
                 measured, baseline = b["extra_info"].get("floor_ratio"), None
-                want = f"≤ {t['max_floor_ratio']:g}× memory floor"
-                meets = lambda x, t=t: x <= t["max_floor_ratio"]
             else:
                 measured, baseline = run.speedup(b, t["vs"]), run.by_group[b["group"]].get(t["vs"])
-                want = f"≥ {t['min_speedup']:g}× {t['vs']}"
-                meets = lambda x, t=t: x >= t["min_speedup"]
+            want, meets = target_test(t)
             check = TargetCheck(str(t.get("issue", "")), b["group"], b["extra_info"]["impl"], want, meets, measured)
             if measured is not None:
                 check.low, check.high = quartile_range(b, baseline, measured)
