@@ -638,9 +638,8 @@ void planar_conv(Isa isa, const ConvKernels& ck, const Conv2dShape& s, Layout la
         for (int64_t kh = 0; kh < s.kernel_h; ++kh)
           for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
             const int64_t t = kh * s.kernel_w + kw, dy = kh * s.dilation_h - s.pad_h, dx = kw * s.dilation_w - s.pad_w;
-            for (int64_t q = 0; q < cin_quads; ++q)
-              ck.tap_quads(image_planes + q * ld_plane, s.height, s.width, s.out_width(), dy, dx, p0, len,
-                           rows + (t * cin_quads + q) * chunks.ld + (g - g0));
+            ck.tap_quads(image_planes, cin_quads, ld_plane, s.height, s.width, s.out_width(), dy, dx, p0, len,
+                         rows + t * cin_quads * chunks.ld + (g - g0), chunks.ld);
           }
         pieces.push_back({g - g0, g - g0 + len, scales[b], place(b, p0)});
         g += len;

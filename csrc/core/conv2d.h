@@ -138,11 +138,12 @@ struct ConvKernels {
   // [0, width) of each quad row, zero past `pixels`; width a multiple of 4, at most ld_dst.
   void (*quantize_quads_nhwc)(const float* src, int64_t channels, int64_t pixels, int64_t ld_src, float scale,
                               int8_t* dst, int64_t ld_dst, int64_t width);
-  // For output pixels [p0, p0 + len) of a stride-1 conv (output rows out_width wide), the words of one tap:
-  // dst[p - p0] = src[(oh + dy) * width + ow + dx] for output pixel p = (oh, ow), zero where (oh + dy, ow + dx)
-  // falls outside the height x width plane src. The planar product's B rows for a conv with taps.
-  void (*tap_quads)(const int32_t* src, int64_t height, int64_t width, int64_t out_width, int64_t dy, int64_t dx,
-                    int64_t p0, int64_t len, int32_t* dst);
+  // For output pixels [p0, p0 + len) of a stride-1 conv (output rows out_width wide), the words of one tap in each
+  // of `quads` planes: dst[q * ld_dst + p - p0] = src[q * ld_src + (oh + dy) * width + ow + dx] for output pixel
+  // p = (oh, ow), zero where (oh + dy, ow + dx) falls outside the height x width plane. The planar product's B rows
+  // for a conv with taps.
+  void (*tap_quads)(const int32_t* src, int64_t quads, int64_t ld_src, int64_t height, int64_t width,
+                    int64_t out_width, int64_t dy, int64_t dx, int64_t p0, int64_t len, int32_t* dst, int64_t ld_dst);
   // dst[oh * out_w + ow] = src[oh * stride_h * width + ow * stride_w]: the pixels of a plane [.][width] that an
   // unpadded 1x1 conv with these strides reads.
   void (*subsample)(const float* src, int64_t width, int64_t stride_h, int64_t stride_w, int64_t out_h,

@@ -116,25 +116,32 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
                   (long)channels, (long)pixels, (long)c, (long)p);
           }
     }
-  // One tap's words for a range of output pixels: rows as wide as the input's (one shifted copy) and not.
-  for (int64_t height : {1, 5})
+  // One tap's words of several planes for a range of output pixels: rows as wide as the input's (one shifted run
+  // of each plane) and not; widths below and above the vector width; runs longer than the 256 words whose masks
+  // are kept at a time.
+  for (int64_t height : {1, 5, 40})
     for (int64_t width : {3, 7, 20})
       for (int64_t out_width : {width, width - 2, width + 3})
         for (int64_t dy : {-2, 0, 1})
           for (int64_t dx : {-3, -1, 0, 2}) {
             if (out_width < 1) continue;
-            std::vector<int32_t> src(height * width);
-            for (int64_t i = 0; i < height * width; ++i) src[i] = static_cast<int32_t>(i * 7919 + 1);
+            const int64_t quads = 3, ld_src = height * width + 5;
+            std::vector<int32_t> src(quads * ld_src);
+            for (int64_t i = 0; i < quads * ld_src; ++i) src[i] = static_cast<int32_t>(i * 7919 + 1);
             const int64_t out_height = height + 2, p0 = out_width / 2, len = out_height * out_width - p0 - 1;
-            std::vector<int32_t> dst(len + 16, -1);
-            ck.tap_quads(src.data(), height, width, out_width, dy, dx, p0, len, dst.data());
-            for (int64_t j = 0; j < len + 16; ++j) {
-              const int64_t p = p0 + j, ih = p / out_width + dy, iw = p % out_width + dx;
-              const bool inside = ih >= 0 && ih < height && iw >= 0 && iw < width;
-              const int32_t want = j >= len ? -1 : inside ? src[ih * width + iw] : 0;
-              CHECK(dst[j] == want, "%s tap_quads %ldx%ld out_width=%ld shift (%ld, %ld) at %ld: %d, want %d", ck.name,
-                    (long)height, (long)width, (long)out_width, (long)dy, (long)dx, (long)p, dst[j], want);
-            }
+            const int64_t ld_dst = len + 19;
+            std::vector<int32_t> dst(quads * ld_dst, -1);
+            ck.tap_quads(src.data(), quads, ld_src, height, width, out_width, dy, dx, p0, len, dst.data(), ld_dst);
+            for (int64_t q = 0; q < quads; ++q)
+              for (int64_t j = 0; j < ld_dst; ++j) {
+                const int64_t p = p0 + j, ih = p / out_width + dy, iw = p % out_width + dx;
+                const bool inside = ih >= 0 && ih < height && iw >= 0 && iw < width;
+                const int32_t want = j >= len ? -1 : inside ? src[q * ld_src + ih * width + iw] : 0;
+                CHECK(dst[q * ld_dst + j] == want,
+                      "%s tap_quads %ldx%ld out_width=%ld shift (%ld, %ld) quad %ld at %ld: %d, want %d", ck.name,
+                      (long)height, (long)width, (long)out_width, (long)dy, (long)dx, (long)q, (long)p,
+                      dst[q * ld_dst + j], want);
+              }
           }
   std::uniform_int_distribution<int> byte(0, 255);
   for (int64_t cin : {1, 15, 16, 17, 40})
