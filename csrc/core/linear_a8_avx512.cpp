@@ -408,7 +408,15 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
     // What of the held block is stored between this block's tiles: its rows, or its pixel vectors.
     const int64_t held_units = held < 0 ? 0 : pixel_rows ? vectors : rows_of(held);
     int64_t stored = 0, t = 0;
+    // The next block's weight rows are fetched into L2 a slice before each of this block's tiles: with a short K
+    // the tiles are too short for the hardware's prefetch to bring a block from memory in time (ResNet-50 stage4
+    // 1x1 expand, K = 512, weights read from memory: 1.04-1.13x faster; the other ResNet-50 layers within 2 %).
+    const char* const next_rows = reinterpret_cast<const char*>(rows + (n0 + kPlanarMr) * ld_w);
+    const int64_t next_bytes = n0 + kPlanarMr < w.n ? rows_of(n0 + kPlanarMr) * ld_w : 0;
+    int64_t fetched = 0;
     for (int64_t p0 = p_begin; p0 < p_end; p0 += 2 * kLanes) {
+      for (const int64_t upto = next_bytes * (t + 1) / tiles; fetched < upto; fetched += 64)
+        _mm_prefetch(next_rows + fetched, _MM_HINT_T1);
       int32_t* const tile_sums = sums_of(n0) + (p0 - p_begin);
       if (p_end - p0 > kLanes)
         planar_tile<2>(rows + n0 * ld_w, ld_w, x + p0 * 4, x_step, quads, corrections + n0, tile_sums, ld_sums);
