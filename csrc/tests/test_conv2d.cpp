@@ -58,6 +58,16 @@ void check_building_blocks(const qk::ConvKernels& ck, std::mt19937& rng) {
     CHECK(std::isinf(ck.absmax(x.data(), n)), "%s absmax with -inf n=%ld", ck.name, (long)n);
     x[n - 1] = kNaN;
     CHECK(std::isnan(ck.absmax(x.data(), n)), "%s absmax with NaN n=%ld", ck.name, (long)n);
+    // A NaN with its sign bit set, first (in the vector loop's body); magnitudes only subnormal; only -0.
+    for (auto& v : x) v = normal(rng);
+    x[0] = -kNaN;
+    CHECK(std::isnan(ck.absmax(x.data(), n)), "%s absmax with -NaN first n=%ld", ck.name, (long)n);
+    for (int64_t i = 0; i < n; ++i) x[i] = (i % 2 ? -1.0f : 1.0f) * std::numeric_limits<float>::denorm_min() * (i + 1);
+    CHECK(ck.absmax(x.data(), n) == std::numeric_limits<float>::denorm_min() * n, "%s absmax subnormal n=%ld",
+          ck.name, (long)n);
+    std::fill(x.begin(), x.end(), -0.0f);
+    const float zero = ck.absmax(x.data(), n);
+    CHECK(zero == 0.0f && !std::signbit(zero), "%s absmax of -0 n=%ld", ck.name, (long)n);
 
     // Codes must equal nearbyint(x / scale) exactly, ties (k + 0.5) included.
     const float scale = 0.25f;
