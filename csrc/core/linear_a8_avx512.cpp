@@ -410,7 +410,7 @@ void planar_a8(const int8_t* rows, int64_t ld_w, const WeightView& w, const int3
     int64_t stored = 0, t = 0;
     // The next block's weight rows are fetched into L2 a slice before each of this block's tiles: with a short K
     // the tiles are too short for the hardware's prefetch to bring a block from memory in time (ResNet-50 stage4
-    // 1x1 expand, K = 512, weights read from memory: 1.04-1.13x faster; the other ResNet-50 layers within 2 %).
+    // 1x1 expand, K = 512, weights read from memory: 1.04-1.13x faster; the other layers 0.98-1.05x, in the noise).
     const char* const next_rows = reinterpret_cast<const char*>(rows + (n0 + kPlanarMr) * ld_w);
     const int64_t next_bytes = n0 + kPlanarMr < w.n ? rows_of(n0 + kPlanarMr) * ld_w : 0;
     int64_t fetched = 0;
