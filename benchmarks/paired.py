@@ -1,7 +1,7 @@
 """Issue 6's conv targets timed block-paired: ours and the target's baseline in alternating blocks of calls in one
 process, so that both see the same host (a vCPU taken away for a second, a busy neighbour) and the same caches.
 
-    python -m benchmarks.paired                               # every conv target: ~5 min on 2 cores
+    python -m benchmarks.paired                               # every conv target: ~1 min on 2 cores
     python -m benchmarks.paired -k pointwise --blocks 30 --calls 10
 
 A block makes two untimed calls (they bring the input and the kernel's state into cache, as back-to-back
